@@ -1,0 +1,117 @@
+"""Token-label alignment state: per-token label shares traced through attention.
+
+TL-Align (Xiao et al., "Token-Label Alignment for Vision Transformers", ICCV 2023, arXiv 2210.06455) follows
+each token's label through the attention maps of a vision transformer. Every token label is a convex combination
+of the labels of a sample and its mixing partner, and the per-block update is linear, so one scalar per token, the
+share ``s`` of the sample's own label, carries the whole label (see ALGORITHM.md). This module holds that state:
+
+    s_0 = [mix_lam (for each prefix token: CLS, distillation, registers), token_weights (patch tokens)]
+    s   <- (s + mean_h(P_h) @ s) / 2          once per transformer block
+    aligned_lam = read-out of s after the last block (CLS share for CLS-pooled models)
+
+How ``mean_h(P_h) @ s`` is computed from a block's attention is the job of :mod:`tl_align_hf.attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIXING_ARGUMENTS = ("mix_index", "token_weights", "mix_lam")
+
+
+def _check_unit_interval(name: str, values: torch.Tensor) -> None:
+    if not torch.is_floating_point(values):
+        raise TypeError(f"`{name}` must be a floating-point tensor with values in [0, 1], got dtype {values.dtype}.")
+    if values.numel() and not bool(((values >= 0) & (values <= 1)).all()):
+        low, high = values.min().item(), values.max().item()
+        raise ValueError(
+            f"`{name}` must hold shares in [0, 1], got values in [{low:.4g}, {high:.4g}]. Pass the share of each "
+            "sample's own pixels (TLAlignCollator produces it)."
+        )
+
+
+def validate_mixing_inputs(
+    mix_index: torch.Tensor, token_weights: torch.Tensor, mix_lam: torch.Tensor, batch_size: int, num_patches: int
+) -> None:
+    """Raise a clear error when the batch-contract tensors do not fit the batch.
+
+    Args:
+        mix_index: `(B,)` integer tensor, partner of each sample, values in `[0, B)`.
+        token_weights: `(B, num_patches)` float tensor in [0, 1], row-major over the patch grid.
+        mix_lam: `(B,)` float tensor in [0, 1].
+        batch_size: `B`, the number of images in `pixel_values`.
+        num_patches: patch tokens per image for the current image size.
+    """
+    for name, value in zip(MIXING_ARGUMENTS, (mix_index, token_weights, mix_lam)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
+    if mix_index.dtype.is_floating_point or mix_index.dtype == torch.bool or mix_index.is_complex():
+        raise TypeError(f"`mix_index` must be an integer (long) tensor, got dtype {mix_index.dtype}.")
+    if tuple(mix_index.shape) != (batch_size,):
+        raise ValueError(f"`mix_index` must have shape ({batch_size},) (one partner per image), got {tuple(mix_index.shape)}.")
+    if batch_size and not bool(((mix_index >= 0) & (mix_index < batch_size)).all()):
+        raise ValueError(
+            f"`mix_index` must index into the batch, i.e. hold values in [0, {batch_size}), got values in "
+            f"[{mix_index.min().item()}, {mix_index.max().item()}]."
+        )
+    if tuple(token_weights.shape) != (batch_size, num_patches):
+        raise ValueError(
+            f"`token_weights` must have shape (batch_size, num_patches) = ({batch_size}, {num_patches}) for these "
+            f"images, got {tuple(token_weights.shape)}. Build it with the model's patch size and the image size "
+            "actually fed to the model."
+        )
+    if tuple(mix_lam.shape) != (batch_size,):
+        raise ValueError(f"`mix_lam` must have shape ({batch_size},) (one share per image), got {tuple(mix_lam.shape)}.")
+    _check_unit_interval("token_weights", token_weights)
+    _check_unit_interval("mix_lam", mix_lam)
+
+
+class TokenLabelAligner:
+    """Holds the `(B, N)` label shares of all tokens and applies the per-block TL-Align update.
+
+    One aligner lives for one forward pass. The attention functions of :mod:`tl_align_hf.attention` receive it as the
+    keyword argument ``token_label_aligner`` and call :meth:`update` once per block with ``mean_h(P_h) @ s``.
+    After the forward pass the model calls :meth:`close`, so that forward passes recomputed later for gradient
+    checkpointing leave the shares untouched.
+
+    Args:
+        token_weights: `(B, num_patches)` share of each patch's pixels that come from the sample itself.
+        mix_lam: `(B,)` share of the whole image from the sample itself; start value of every prefix token.
+        num_prefix_tokens: tokens in front of the patch tokens (1 for ViT's CLS, 2 for DeiT's CLS + distillation).
+        attention_path: how shares are computed from attention; see :func:`tl_align_hf.attention.choose_path`.
+    """
+
+    def __init__(
+        self,
+        token_weights: torch.Tensor,
+        mix_lam: torch.Tensor,
+        num_prefix_tokens: int,
+        attention_path: str = "auto",
+    ):
+        prefix_shares = mix_lam.detach().float()[:, None].expand(-1, num_prefix_tokens)
+        # (B, N) float32 shares, no gradient: the model may run in bf16/fp16, the shares never do.
+        self.shares = torch.cat([prefix_shares, token_weights.detach().float()], dim=1)
+        self.attention_path = attention_path
+        self.num_updates = 0
+        self.closed = False
+
+    def update(self, attended_shares: torch.Tensor) -> None:
+        """Apply one block's update ``s <- (s + mean_h(P_h) @ s) / 2``.
+
+        Args:
+            attended_shares: `(B, N)` the head-averaged attention applied to the current shares.
+        """
+        if self.closed:  # a forward pass recomputed for gradient checkpointing: the update was already applied
+            return
+        self.shares = (self.shares + attended_shares.detach().float()) * 0.5
+        self.num_updates += 1
+
+    def close(self, expected_updates: int) -> None:
+        """End the forward pass; raise if the attention did not report exactly once per block."""
+        self.closed = True
+        if self.num_updates != expected_updates:
+            raise RuntimeError(
+                f"TL-Align expected {expected_updates} attention updates (one per block) but received "
+                f"{self.num_updates}. The model's attention was not routed through tl_align_hf: change the backend "
+                "with `model.set_attn_implementation(...)`, not by editing `config._attn_implementation`."
+            )

@@ -1,0 +1,166 @@
+"""Feeding a :class:`~tl_align_hf.aligner.TokenLabelAligner` from transformers' attention interface.
+
+Aligned models route their attention through ``tl_align_<backend>``, an implementation registered in transformers'
+``AttentionInterface`` that wraps the backend the user picked (``eager``, ``sdpa``, flash, flex...). Without a
+``token_label_aligner`` keyword argument it calls that backend unchanged, so a model used without mixing
+arguments computes exactly what the parent class computes. With one, it also computes ``mean_h(P_h) @ s`` for the
+block and hands it to the aligner, on one of three paths:
+
+- ``"eager"``: the model's own eager attention, whose attention probabilities are reused. Cheapest on the CPU,
+  where eager attention runs as fast as SDPA and the extra ``(B, H, N, N) @ (B, N)`` product is small.
+- ``"value_channel"``: the shares are appended to the values as an extra channel (query, key and value zero-padded
+  to a multiple of 8 channels), so the backend's fused kernel computes them and no ``N x N`` matrix is ever
+  materialised (ALGORITHM.md). The default on accelerators with a non-eager backend.
+- ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
+  whenever attention dropout is active, because the shares must not see dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .aligner import TokenLabelAligner
+
+ROUTE_PREFIX = "tl_align_"
+ATTENTION_PATHS = ("auto", "eager", "value_channel", "explicit")
+_CHANNEL_MULTIPLE = 8  # head dims that fused kernels accept
+
+
+def base_attention_implementation(implementation: str | None) -> str | None:
+    """The user-facing backend behind a routed implementation name (``"tl_align_sdpa"`` -> ``"sdpa"``)."""
+    if implementation is not None and implementation.startswith(ROUTE_PREFIX):
+        return implementation[len(ROUTE_PREFIX) :]
+    return implementation
+
+
+@functools.cache
+def routed_attention_implementation(base_implementation: str) -> str:
+    """Register (once) and return the name of the aligned wrapper around ``base_implementation``."""
+    routed = ROUTE_PREFIX + base_implementation
+    AttentionInterface.register(routed, functools.partial(aligned_attention_forward, base_implementation=base_implementation))
+    if base_implementation in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(routed, ALL_MASK_ATTENTION_FUNCTIONS[base_implementation])
+    return routed
+
+
+def model_eager_attention(module: torch.nn.Module) -> Callable:
+    """The ``eager_attention_forward`` of the modeling file that defines ``module``'s class."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise TypeError(
+            f"{type(module).__name__} has no `eager_attention_forward` in {type(module).__module__}; "
+            "tl_align_hf supports attention modules that follow transformers' attention interface."
+        )
+    return eager
+
+
+def base_attention_function(module: torch.nn.Module, base_implementation: str) -> Callable:
+    """The attention function that ``module`` would call for ``base_implementation``."""
+    eager = model_eager_attention(module)
+    if base_implementation == "eager":
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(base_implementation, eager)
+
+
+def choose_path(requested: str, base_implementation: str, device: torch.device, dropout: float) -> str:
+    """Resolve ``"auto"`` to a path; dropout in training always needs the explicit, dropout-free probabilities."""
+    if requested not in ATTENTION_PATHS:
+        raise ValueError(f"`attention_path` must be one of {ATTENTION_PATHS}, got {requested!r}.")
+    if dropout > 0:
+        return "explicit"
+    if requested != "auto":
+        return requested
+    if base_implementation == "eager" or device.type == "cpu":
+        return "eager"
+    return "value_channel"
+
+
+def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Boolean keep-masks (SDPA style) become additive float masks (eager style)."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return attention_mask
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+
+
+def _mean_attended_shares(probabilities: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """``mean_h(P_h) @ s`` in float32: `(B, H, N, N)` probabilities, `(B, N)` shares -> `(B, N)`."""
+    mean_probabilities = probabilities.mean(dim=1, dtype=torch.float32)
+    return torch.bmm(mean_probabilities, shares.unsqueeze(-1)).squeeze(-1)
+
+
+def _dropout_free_probabilities(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Softmax of scaled ``QK^T`` (plus mask) in float32, `(B, H, N, N)`, without gradient."""
+    with torch.no_grad():
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+        mask = _additive_mask(attention_mask, torch.float32)
+        if mask is not None:
+            scores = scores + mask.float()
+        return scores.softmax(dim=-1)
+
+
+def _value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, dropout, scaling, shares, **kwargs):
+    """Run the backend once on values widened by a share channel; return output, weights and `(B, N)` attended shares."""
+    batch_size, num_heads, num_tokens, head_dim = value.shape
+    padded_dim = -(-(head_dim + 1) // _CHANNEL_MULTIPLE) * _CHANNEL_MULTIPLE
+    share_channel = shares.detach().to(value.dtype)[:, None, :, None].expand(batch_size, num_heads, num_tokens, 1)
+    zeros = value.new_zeros(batch_size, num_heads, num_tokens, padded_dim - head_dim - 1)
+    value = torch.cat([value, share_channel, zeros], dim=-1)
+    # Zero channels on query and key leave QK^T unchanged and keep all three head dims equal (flash kernels need it).
+    padding = (0, padded_dim - head_dim)
+    query, key = torch.nn.functional.pad(query, padding), torch.nn.functional.pad(key, padding)
+    output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    attended = output[..., head_dim].float().mean(dim=-1)  # output is (B, N, H, padded_dim)
+    return output[..., :head_dim], weights, attended
+
+
+def aligned_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    *,
+    base_implementation: str,
+    token_label_aligner: TokenLabelAligner | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``base_implementation`` that also feeds ``token_label_aligner``, when one is passed.
+
+    Args:
+        query, key, value: `(B, H, N, head_dim)`.
+        token_label_aligner: the forward pass's aligner; ``None`` makes this the plain backend.
+    Returns:
+        `(B, N, H, head_dim)` attention output and the backend's attention weights (or ``None``).
+    """
+    base_function = base_attention_function(module, base_implementation)
+    if token_label_aligner is None:
+        return base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    path = choose_path(token_label_aligner.attention_path, base_implementation, query.device, dropout)
+    shares = token_label_aligner.shares
+    if path == "value_channel":
+        output, weights, attended = _value_channel_attention(
+            base_function, module, query, key, value, attention_mask, dropout, scaling, shares, **kwargs
+        )
+    elif path == "eager":
+        eager_mask = _additive_mask(attention_mask, query.dtype)
+        eager = model_eager_attention(module)
+        output, weights = eager(module, query, key, value, eager_mask, dropout=dropout, scaling=scaling, **kwargs)
+        attended = _mean_attended_shares(weights.detach(), shares)
+    else:
+        output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        attended = _mean_attended_shares(_dropout_free_probabilities(query, key, attention_mask, scaling), shares)
+    token_label_aligner.update(attended)
+    return output, weights
