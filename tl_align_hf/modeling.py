@@ -156,20 +156,41 @@ class TLAlignMixin:
             against the aligned target when ``labels`` are given.
         """
         if mix_index is None and token_weights is None and mix_lam is None:
-            return super().forward(pixel_values, labels=labels, **kwargs)
+            return self._plain_forward(pixel_values, labels, **kwargs)
         return_dict = kwargs.pop("return_dict", None)
         outputs, aligned_lam = self._aligned_forward(pixel_values, labels, mix_index, token_weights, mix_lam, kwargs)
         loss = None
         if labels is not None:
-            loss = mixing_loss(outputs.logits, labels, mix_index, aligned_lam, label_smoothing)
-        result = TLAlignImageClassifierOutput(
+            loss = self.tl_align_loss(outputs, labels, mix_index, aligned_lam, label_smoothing)
+        result = self._aligned_output(outputs, loss, aligned_lam)
+        return result.to_tuple() if return_dict is False else result
+
+    def _plain_forward(self, pixel_values, labels, **kwargs):
+        return super().forward(pixel_values, labels=labels, **kwargs)
+
+    def _aligned_output(self, outputs, loss, aligned_lam) -> TLAlignImageClassifierOutput:
+        return TLAlignImageClassifierOutput(
             loss=loss,
             logits=outputs.logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             aligned_lam=aligned_lam,
         )
-        return result.to_tuple() if return_dict is False else result
+
+    def tl_align_loss(
+        self,
+        outputs,
+        labels: torch.Tensor,
+        mix_index: torch.Tensor,
+        own_share: torch.Tensor,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Soft-target cross-entropy of the classification head(s) in ``outputs`` against the mixed target.
+
+        ``own_share`` is ``aligned_lam`` for TL-Align or the area ``mix_lam`` for plain mixing.
+        """
+        return mixing_loss(outputs.logits, labels, mix_index, own_share, label_smoothing, reduction)
 
 
 class TLAlignViTForImageClassification(TLAlignMixin, ViTForImageClassification):
@@ -199,33 +220,16 @@ class TLAlignDeiTForImageClassificationWithTeacher(TLAlignMixin, DeiTForImageCla
     tl_align_parent = DeiTForImageClassificationWithTeacher
     tl_align_num_prefix_tokens = 2
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mix_index: torch.Tensor | None = None,
-        token_weights: torch.Tensor | None = None,
-        mix_lam: torch.Tensor | None = None,
-        label_smoothing: float = 0.0,
-        **kwargs,
-    ):
-        """As :meth:`TLAlignMixin.forward`; the parent takes no ``labels``, so a plain call computes no loss."""
-        if mix_index is None and token_weights is None and mix_lam is None:
-            if labels is not None:
-                raise ValueError(
-                    "DeiTForImageClassificationWithTeacher computes no loss from `labels` alone; pass the mixing "
-                    "arguments too, or use TLAlignDeiTForImageClassification for plain training."
-                )
-            return super(TLAlignMixin, self).forward(pixel_values, **kwargs)
-        return_dict = kwargs.pop("return_dict", None)
-        outputs, aligned_lam = self._aligned_forward(pixel_values, labels, mix_index, token_weights, mix_lam, kwargs)
-        loss = None
+    def _plain_forward(self, pixel_values, labels, **kwargs):
         if labels is not None:
-            loss = 0.5 * (
-                mixing_loss(outputs.cls_logits, labels, mix_index, aligned_lam, label_smoothing)
-                + mixing_loss(outputs.distillation_logits, labels, mix_index, aligned_lam, label_smoothing)
+            raise ValueError(
+                "DeiTForImageClassificationWithTeacher computes no loss from `labels` alone; pass the mixing "
+                "arguments too, or use TLAlignDeiTForImageClassification for plain training."
             )
-        result = TLAlignDeiTWithTeacherOutput(
+        return super(TLAlignMixin, self).forward(pixel_values, **kwargs)
+
+    def _aligned_output(self, outputs, loss, aligned_lam) -> TLAlignDeiTWithTeacherOutput:
+        return TLAlignDeiTWithTeacherOutput(
             logits=outputs.logits,
             cls_logits=outputs.cls_logits,
             distillation_logits=outputs.distillation_logits,
@@ -234,7 +238,14 @@ class TLAlignDeiTForImageClassificationWithTeacher(TLAlignMixin, DeiTForImageCla
             loss=loss,
             aligned_lam=aligned_lam,
         )
-        return result.to_tuple() if return_dict is False else result
+
+    def tl_align_loss(self, outputs, labels, mix_index, own_share, label_smoothing=0.0, reduction="mean"):
+        """Mean of the two heads' soft-target cross-entropies against the same target."""
+        head_losses = [
+            mixing_loss(logits, labels, mix_index, own_share, label_smoothing, reduction)
+            for logits in (outputs.cls_logits, outputs.distillation_logits)
+        ]
+        return 0.5 * (head_losses[0] + head_losses[1])
 
 
 ALIGNED_CLASSES: dict[type[PreTrainedModel], type[TLAlignMixin]] = {
