@@ -1,6 +1,16 @@
 """tl-align-hf: Token-Label Alignment (TL-Align, ICCV 2023) for Hugging Face vision transformers."""
 
 from .aligner import TokenLabelAligner
+from .data import (
+    check_columns,
+    default_image_processor,
+    eval_collate,
+    label_maps,
+    load_image_dataset,
+    make_transforms,
+    set_train_epoch,
+)
+from .digits import default_digits_dir, write_digits_imagefolder
 from .losses import mixed_soft_targets, mixing_loss, soft_target_cross_entropy
 from .modeling import (
     TLAlignDeiTForImageClassification,
@@ -18,8 +28,17 @@ __all__ = [
     "TLAlignMixin",
     "TLAlignViTForImageClassification",
     "TokenLabelAligner",
+    "check_columns",
+    "default_digits_dir",
+    "default_image_processor",
+    "eval_collate",
+    "label_maps",
+    "load_image_dataset",
+    "make_transforms",
     "mixed_soft_targets",
     "mixing_loss",
+    "set_train_epoch",
     "soft_target_cross_entropy",
     "to_tl_align",
+    "write_digits_imagefolder",
 ]
