@@ -12,6 +12,7 @@ from .data import (
 )
 from .digits import default_digits_dir, write_digits_imagefolder
 from .losses import mixed_soft_targets, mixing_loss, soft_target_cross_entropy
+from .model_card import model_card_text, push_checkpoint_to_hub, write_model_card
 from .modeling import (
     TLAlignDeiTForImageClassification,
     TLAlignDeiTForImageClassificationWithTeacher,
@@ -37,8 +38,11 @@ __all__ = [
     "make_transforms",
     "mixed_soft_targets",
     "mixing_loss",
+    "model_card_text",
+    "push_checkpoint_to_hub",
     "set_train_epoch",
     "soft_target_cross_entropy",
     "to_tl_align",
     "write_digits_imagefolder",
+    "write_model_card",
 ]
