@@ -1,6 +1,7 @@
 """tl-align-hf: Token-Label Alignment (TL-Align, ICCV 2023) for Hugging Face vision transformers."""
 
 from .aligner import TokenLabelAligner
+from .collator import TLAlignCollator
 from .data import (
     check_columns,
     default_image_processor,
@@ -24,6 +25,7 @@ from .modeling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "TLAlignCollator",
     "TLAlignDeiTForImageClassification",
     "TLAlignDeiTForImageClassificationWithTeacher",
     "TLAlignMixin",
