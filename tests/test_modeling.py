@@ -107,7 +107,7 @@ def test_with_teacher_trains_both_heads_on_the_cls_target():
     plain_head.load_state_dict(vanilla.state_dict(), strict=False)
     batch = mixed_batch("fractional")
     with torch.no_grad():
-        out = aligned(batch["pixel_values"], labels=batch["labels"], label_smoothing=0.1, **mixing(batch))
+        out = aligned(batch["pixel_values"], labels=batch["labels"], target_smoothing=0.1, **mixing(batch))
         single = plain_head(batch["pixel_values"], **mixing(batch))
         expected_logits = vanilla(batch["pixel_values"]).logits
     targets = mixed_soft_targets(batch["labels"], batch["mix_index"], out.aligned_lam, NUM_LABELS, 0.1)
@@ -120,7 +120,7 @@ def test_with_teacher_trains_both_heads_on_the_cls_target():
 def test_aligned_loss_is_soft_target_cross_entropy_and_labels_stay_integer():
     model = aligned_copy(tiny_model(ViTForImageClassification))
     batch = mixed_batch("binary")
-    out = model(batch["pixel_values"], labels=batch["labels"], label_smoothing=0.1, **mixing(batch))
+    out = model(batch["pixel_values"], labels=batch["labels"], target_smoothing=0.1, **mixing(batch))
     targets = mixed_soft_targets(batch["labels"], batch["mix_index"], out.aligned_lam, NUM_LABELS, 0.1)
     expected = -(targets * torch.log_softmax(out.logits, -1)).sum(-1).mean()
     torch.testing.assert_close(out.loss, expected)
@@ -147,7 +147,7 @@ def test_gradient_checkpointing_applies_each_update_once():
     for checkpointing in (False, True):
         model = aligned_copy(tiny_model(ViTForImageClassification)).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         out = model(batch["pixel_values"], labels=batch["labels"], **mixing(batch))
         out.loss.backward()
         results.append((out.aligned_lam, model.vit.layers[0].attention.q_proj.weight.grad.clone()))

@@ -2,6 +2,7 @@
 
 from .aligner import TokenLabelAligner
 from .collator import TLAlignCollator
+from .config import TLAlignConfig
 from .data import (
     check_columns,
     default_image_processor,
@@ -21,14 +22,17 @@ from .modeling import (
     TLAlignViTForImageClassification,
     to_tl_align,
 )
+from .trainer import TLAlignTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TLAlignCollator",
+    "TLAlignConfig",
     "TLAlignDeiTForImageClassification",
     "TLAlignDeiTForImageClassificationWithTeacher",
     "TLAlignMixin",
+    "TLAlignTrainer",
     "TLAlignViTForImageClassification",
     "TokenLabelAligner",
     "check_columns",
@@ -40,9 +44,9 @@ __all__ = [
     "make_transforms",
     "mixed_soft_targets",
     "mixing_loss",
+    "set_train_epoch",
     "model_card_text",
     "push_checkpoint_to_hub",
-    "set_train_epoch",
     "soft_target_cross_entropy",
     "to_tl_align",
     "write_digits_imagefolder",

@@ -139,7 +139,7 @@ class TLAlignMixin:
         mix_index: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
         mix_lam: torch.Tensor | None = None,
-        label_smoothing: float = 0.0,
+        target_smoothing: float = 0.0,
         **kwargs,
     ):
         """The parent's forward; with ``mix_index``, ``token_weights`` and ``mix_lam``, also the aligned target.
@@ -150,7 +150,8 @@ class TLAlignMixin:
             mix_index: `(B,)` long, partner of each sample.
             token_weights: `(B, num_patches)` share of each patch from the sample itself, patch-grid row-major.
             mix_lam: `(B,)` share of the whole image from the sample itself.
-            label_smoothing: smoothing of each one-hot before mixing, for the aligned loss.
+            target_smoothing: label smoothing of each one-hot before mixing, for the aligned loss. (Not named
+                `label_smoothing`: transformers takes every forward argument with "label" in its name for a label.)
         Returns:
             The parent's output with ``aligned_lam`` `(B,)` added; ``loss`` is the soft-target cross-entropy
             against the aligned target when ``labels`` are given.
@@ -161,7 +162,7 @@ class TLAlignMixin:
         outputs, aligned_lam = self._aligned_forward(pixel_values, labels, mix_index, token_weights, mix_lam, kwargs)
         loss = None
         if labels is not None:
-            loss = self.tl_align_loss(outputs, labels, mix_index, aligned_lam, label_smoothing)
+            loss = self.tl_align_loss(outputs, labels, mix_index, aligned_lam, target_smoothing)
         result = self._aligned_output(outputs, loss, aligned_lam)
         return result.to_tuple() if return_dict is False else result
 

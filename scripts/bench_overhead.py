@@ -1,0 +1,182 @@
+"""Training-step cost of TL-Align against plain mixing and against the official full-label formulation.
+
+One process, one set of weights (learning rate 0, so every variant sees the same weights), one mixed batch;
+forward + backward + optimizer step; variants interleaved so that machine drift hits all alike; median of the
+timed steps after warm-up.
+
+    python scripts/bench_overhead.py                       # DeiT-Tiny and DeiT-Small, 224 px, CPU batch 32
+    python scripts/bench_overhead.py --configs tiny --steps 10 --json docs/bench_overhead_cpu.json
+
+Variants:
+    1 plain-sdpa        plain mixing (area target), SDPA attention
+    2 plain-eager       plain mixing, eager attention
+    3 tl-align-sdpa     TL-Align, SDPA chosen ("auto" path: eager probabilities on CPU, value channel on GPU)
+    4 tl-align-eager    TL-Align, eager attention (probabilities reused)
+    5 official          eager attention, (B, N, C) label vectors propagated through every block, C = 1000
+    extra: tl-align-value-channel (fused value-channel path forced, to show why CPU does not use it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import torch
+from transformers import DeiTConfig
+
+from tl_align_hf import TLAlignDeiTForImageClassification, mixing_loss
+
+CONFIGS = {
+    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+}
+NUM_CLASSES = 1000
+
+
+def make_model(name: str, image_size: int, device: torch.device) -> TLAlignDeiTForImageClassification:
+    config = DeiTConfig(image_size=image_size, patch_size=16, num_labels=NUM_CLASSES, **CONFIGS[name])
+    config._attn_implementation = "sdpa"
+    return TLAlignDeiTForImageClassification(config).to(device).train()
+
+
+def make_batch(batch_size: int, image_size: int, device: torch.device, seed: int = 0) -> dict:
+    """A token-grid CutMix batch: half of the patches of each image come from its partner."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = image_size // 16
+    token_weights = torch.ones(batch_size, grid, grid)
+    token_weights[:, grid // 4 : grid // 4 + grid // 2, : grid // 2 + 2] = 0.0
+    token_weights = token_weights.flatten(1)
+    batch = dict(
+        pixel_values=torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        labels=torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator),
+        mix_index=torch.randperm(batch_size, generator=generator),
+        token_weights=token_weights,
+        mix_lam=token_weights.mean(1),
+    )
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def official_cls_labels(attentions, batch: dict, num_prefix_tokens: int = 2) -> torch.Tensor:
+    """The official formulation: `(B, N, C)` label vectors through every block's head-averaged attention."""
+    one_hot = torch.nn.functional.one_hot(batch["labels"], NUM_CLASSES).float() * 0.9 + 0.1 / NUM_CLASSES
+    own, partner = one_hot[:, None, :], one_hot[batch["mix_index"]][:, None, :]
+    prefix = batch["mix_lam"][:, None].expand(-1, num_prefix_tokens)
+    share = torch.cat([prefix, batch["token_weights"]], dim=1)[..., None]
+    token_labels = share * own + (1 - share) * partner
+    for attention in attentions:
+        token_labels = (token_labels + attention.detach().float().mean(dim=1) @ token_labels) / 2
+    return token_labels[:, 0]
+
+
+def step(model, optimizer, batch: dict, variant: str, autocast) -> None:
+    """One forward + backward + optimizer step of `variant`."""
+    backend = "eager" if variant in ("plain-eager", "tl-align-eager", "official") else "sdpa"
+    if model.base_attn_implementation != backend:
+        model.set_attn_implementation(backend)
+    model.tl_align_attention_path = "value_channel" if variant == "tl-align-value-channel" else "auto"
+    mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}
+    with autocast():
+        if variant.startswith("tl-align"):
+            loss = model(batch["pixel_values"], labels=batch["labels"], target_smoothing=0.1, **mixing).loss
+        elif variant == "official":
+            outputs = model(batch["pixel_values"], output_attentions=True)
+            targets = official_cls_labels(outputs.attentions, batch)
+            log_probs = torch.log_softmax(outputs.logits.float(), dim=-1)
+            loss = -(targets * log_probs).sum(-1).mean()
+        else:
+            logits = model(batch["pixel_values"]).logits
+            loss = mixing_loss(logits, batch["labels"], batch["mix_index"], batch["mix_lam"], 0.1)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, variants: list[str], args, device: torch.device) -> dict:
+    model = make_model(name, args.image_size, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    batch = make_batch(args.batch_size, args.image_size, device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    times = {variant: [] for variant in variants}
+    peak_memory = {}
+    for _ in range(args.warmup):
+        for variant in variants:
+            step(model, optimizer, batch, variant, autocast)
+    for _ in range(args.steps):
+        for variant in variants:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(device)
+            start = time.perf_counter()
+            step(model, optimizer, batch, variant, autocast)
+            synchronize(device)
+            times[variant].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak_memory[variant] = max(peak_memory.get(variant, 0), torch.cuda.max_memory_allocated())
+    medians = {variant: statistics.median(values) for variant, values in times.items()}
+    base = medians[variants[0]]
+    rows = {}
+    for variant in variants:
+        row = {"median_s": medians[variant], "ratio": medians[variant] / base}
+        if peak_memory:
+            row["peak_memory_gib"] = peak_memory[variant] / 2**30
+            row["memory_ratio"] = peak_memory[variant] / peak_memory[variants[0]]
+        rows[variant] = row
+    return rows
+
+
+def print_table(name: str, rows: dict, args, device: torch.device) -> None:
+    print(f"\n### DeiT-{name.capitalize()}, {args.image_size} px, batch {args.batch_size}, {device.type}")
+    has_memory = any("peak_memory_gib" in row for row in rows.values())
+    header = "| variant | median step (s) | ratio to plain-sdpa |" + (" peak memory (GiB) | memory ratio |" if has_memory else "")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for variant, row in rows.items():
+        line = f"| {variant} | {row['median_s']:.4f} | {row['ratio']:.3f} |"
+        if has_memory:
+            line += f" {row['peak_memory_gib']:.2f} | {row['memory_ratio']:.3f} |"
+        print(line)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(CONFIGS))
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the numbers to this file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.batch_size is None:
+        args.batch_size = 128 if device.type == "cuda" else 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = args.variants or [
+        "plain-sdpa", "plain-eager", "tl-align-sdpa", "tl-align-eager", "official", "tl-align-value-channel",
+    ]
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    results = {"device": device.type, "machine": machine, "torch": torch.__version__, "batch_size": args.batch_size,
+               "image_size": args.image_size, "steps": args.steps, "configs": {}}
+    for name in args.configs:
+        rows = measure(name, variants, args, device)
+        results["configs"][name] = rows
+        print_table(name, rows, args, device)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+import copy
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments, ViTForImageClassification
+
+from tl_align_hf import TLAlignConfig, TLAlignTrainer, TLAlignViTForImageClassification
+from tl_align_hf.losses import mixed_soft_targets
+
+from .tiny_models import NUM_LABELS, tiny_config, tiny_model
+
+IMAGE = 24
+
+
+def image_dataset(num_examples: int = 24, seed: int = 0) -> datasets.Dataset:
+    """Examples prepared like `datasets.map` output: CHW float arrays and integer labels with class patterns."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num_examples) % NUM_LABELS
+    images = rng.normal(0, 0.3, (num_examples, 3, IMAGE, IMAGE)).astype(np.float32)
+    for image, label in zip(images, labels):
+        image[label % 3, : 2 + 2 * label, :] += 1.0
+    return datasets.Dataset.from_dict({"pixel_values": list(images), "label": labels.tolist()}).with_format("torch")
+
+
+def make_args(tmp_path, **overrides) -> TLAlignConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+    values.update(overrides)
+    return TLAlignConfig(**values)
+
+
+def trained(tmp_path, model=None, **overrides):
+    model = model or tiny_model(ViTForImageClassification, "sdpa").train()
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainer = TLAlignTrainer(model=model, args=make_args(tmp_path, **overrides), train_dataset=image_dataset())
+    trainer.train()
+    return trainer, before
+
+
+def assert_every_parameter_changed(model, before):
+    unchanged = [name for name, parameter in model.named_parameters() if torch.equal(parameter.detach(), before[name])]
+    assert unchanged == []
+
+
+@pytest.mark.parametrize(
+    "mixing",
+    [
+        dict(mixing_method="cutmix"),
+        dict(mixing_method="token_cutmix"),
+        dict(mixing_method="mixup", mixup_alpha=0.8),
+        dict(mixing_method="token_mix"),
+        dict(mixing_method="cutmix", mixup_alpha=0.8, switch_prob=0.5),
+    ],
+    ids=["cutmix", "token_cutmix", "mixup", "token_mix", "cutmix_or_mixup"],
+)
+def test_train_with_method(tmp_path, mixing):
+    trainer, before = trained(tmp_path, **mixing)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(np.isfinite(entry["loss"]) for entry in logs)
+    assert all({"mix_lam", "aligned_lam", "alignment_gap"} <= set(entry) for entry in logs)
+    assert isinstance(trainer.model, TLAlignViTForImageClassification)
+    assert_every_parameter_changed(trainer.model, before)
+
+
+def test_train_with_tl_align_false_logs_only_area_share(tmp_path):
+    trainer, before = trained(tmp_path, tl_align=False, mixing_method="cutmix")
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all("mix_lam" in entry and "aligned_lam" not in entry for entry in logs)
+    assert_every_parameter_changed(trainer.model, before)
+
+
+def test_alignment_gap_is_reported_and_positive_for_cutmix(tmp_path):
+    trainer, _ = trained(tmp_path, mixing_method="cutmix")
+    gaps = [entry["alignment_gap"] for entry in trainer.state.log_history if "alignment_gap" in entry]
+    assert max(gaps) > 1e-4
+
+
+def test_evaluate_is_unmixed_with_plain_cross_entropy_and_top5(tmp_path):
+    model = tiny_model(ViTForImageClassification, "sdpa")
+    eval_dataset = image_dataset(20, seed=1)
+    trainer = TLAlignTrainer(model=model, args=make_args(tmp_path), eval_dataset=eval_dataset)
+    metrics = trainer.evaluate()
+    pixel_values = torch.stack([example["pixel_values"] for example in eval_dataset])
+    labels = torch.tensor([int(example["label"]) for example in eval_dataset])
+    with torch.no_grad():
+        logits = model.eval()(pixel_values).logits
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert metrics["eval_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    top5 = (logits.topk(5, -1).indices == labels[:, None]).any(-1).float().mean().item()
+    assert metrics["eval_top5_accuracy"] == pytest.approx(top5)
+    predictions = trainer.predict(eval_dataset)
+    np.testing.assert_allclose(predictions.predictions, logits.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _half_batches():
+    generator = torch.Generator().manual_seed(3)
+    halves = []
+    for _ in range(2):
+        token_weights = (torch.rand(4, 36, generator=generator) > 0.5).float()
+        halves.append(
+            dict(
+                pixel_values=torch.randn(4, 3, IMAGE, IMAGE, generator=generator),
+                labels=torch.randint(0, NUM_LABELS, (4,), generator=generator),
+                mix_index=torch.randperm(4, generator=generator),
+                token_weights=token_weights,
+                mix_lam=token_weights.mean(1),
+            )
+        )
+    return halves
+
+
+def _gradients(trainer):
+    return {name: parameter.grad.clone() for name, parameter in trainer.model.named_parameters()}
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    halves = _half_batches()
+    full = {key: torch.cat([halves[0][key], halves[1][key]]) for key in halves[0]}
+    full["mix_index"] = torch.cat([halves[0]["mix_index"], halves[1]["mix_index"] + 4])
+
+    model = tiny_model(ViTForImageClassification, "sdpa").train()
+    trainer = TLAlignTrainer(model=copy.deepcopy(model), args=make_args(tmp_path))
+    trainer.model.train()
+    for half in halves:
+        trainer.compute_loss(trainer.model, half, num_items_in_batch=torch.tensor(8)).backward()
+    accumulated = _gradients(trainer)
+
+    single = TLAlignTrainer(model=copy.deepcopy(model), args=make_args(tmp_path))
+    single.model.train()
+    single.compute_loss(single.model, full).backward()
+    expected = _gradients(single)
+    for name in expected:
+        torch.testing.assert_close(accumulated[name], expected[name], atol=1e-6, rtol=1e-4)
+
+
+def test_training_loss_uses_aligned_target_with_label_smoothing(tmp_path):
+    batch = _half_batches()[0]
+    model = tiny_model(ViTForImageClassification, "sdpa").train()
+    trainer = TLAlignTrainer(model=model, args=make_args(tmp_path, label_smoothing=0.2))
+    trainer.model.train()
+    loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    targets = mixed_soft_targets(batch["labels"], batch["mix_index"], outputs.aligned_lam, NUM_LABELS, 0.2)
+    expected = -(targets * torch.log_softmax(outputs.logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(outputs.aligned_lam, batch["mix_lam"])
+
+
+def test_saved_model_is_plain_and_keeps_integer_label_config(tmp_path):
+    trainer, _ = trained(tmp_path)
+    trainer.save_model(str(tmp_path / "final"))
+    loaded, info = ViTForImageClassification.from_pretrained(str(tmp_path / "final"), output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert loaded.config.architectures == ["ViTForImageClassification"]
+    assert loaded.config.problem_type is None
+    for name, parameter in loaded.state_dict().items():
+        torch.testing.assert_close(parameter, trainer.model.state_dict()[name])
+
+
+def _final_weights(trainer):
+    return {name: parameter.detach().clone() for name, parameter in trainer.model.state_dict().items()}
+
+
+def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    overrides = dict(max_steps=6, save_strategy="steps", save_steps=3, mixing_method="cutmix")
+    full, _ = trained(tmp_path / "full", **overrides)
+    expected = _final_weights(full)
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").exists()
+
+    fresh = tiny_model(ViTForImageClassification, "sdpa", seed=1)  # different init: everything must be restored
+    resumed = TLAlignTrainer(
+        model=fresh, args=make_args(tmp_path / "resumed", **overrides), train_dataset=image_dataset()
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    actual = _final_weights(resumed)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=0, rtol=0, msg=name)
+
+
+def test_load_best_model_at_end_restores_every_layer(tmp_path):
+    overrides = dict(
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+    )
+    model = tiny_model(ViTForImageClassification, "sdpa").train()
+    trainer = TLAlignTrainer(
+        model=model,
+        args=make_args(tmp_path, **overrides),
+        train_dataset=image_dataset(),
+        eval_dataset=image_dataset(8, 1),
+    )
+    trainer.train()
+    best = ViTForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    for name, parameter in best.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], parameter, atol=0, rtol=0, msg=name)
+
+
+def test_swap_trainer_in_an_hf_style_script(tmp_path):
+    """The transformers example's shape, with only `Trainer` swapped for `TLAlignTrainer`."""
+    model = ViTForImageClassification(tiny_config("vit", "sdpa"))
+    training_args = TLAlignConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+    )
+    trainer = TLAlignTrainer(
+        model=model, args=training_args, train_dataset=image_dataset(), eval_dataset=image_dataset(8, 1)
+    )
+    train_result = trainer.train()
+    trainer.log_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_accuracy", "eval_top5_accuracy"} <= set(metrics)
+    assert any("aligned_lam" in entry for entry in trainer.state.log_history)
+
+
+def test_raises_error_when_args_are_plain_training_arguments(tmp_path):
+    with pytest.raises(TypeError, match="`args` must be a TLAlignConfig"):
+        TLAlignTrainer(model=tiny_model(ViTForImageClassification), args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_raises_error_when_label_smoothing_factor_is_set(tmp_path):
+    with pytest.raises(ValueError, match="set `label_smoothing` instead of `label_smoothing_factor`"):
+        make_args(tmp_path, label_smoothing_factor=0.1)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mixing_method="cutout"), "`mixing_method` must be one of"),
+        (dict(mix_mode="batches"), "`mix_mode` must be one of"),
+        (dict(label_smoothing=1.5), r"`label_smoothing` must be in \[0, 1\)"),
+    ],
+)
+def test_raises_error_when_mixing_settings_are_wrong(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_raises_error_when_mix_probability_is_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match="prob"):
+        TLAlignTrainer(model=tiny_model(ViTForImageClassification), args=make_args(tmp_path, mix_prob=1.5))
+
+
+def test_raises_error_when_model_is_unsupported(tmp_path):
+    from transformers import BeitConfig, BeitForImageClassification
+
+    model = BeitForImageClassification(
+        BeitConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+    )
+    with pytest.raises(ValueError, match="TL-Align does not support BeitForImageClassification"):
+        TLAlignTrainer(model=model, args=make_args(tmp_path))
+
+
+def test_plain_trainer_is_untouched_by_import(tmp_path):
+    """Importing tl_align_hf changes nothing for a plain Trainer on a vanilla model."""
+    model = tiny_model(ViTForImageClassification, "sdpa")
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    assert model.config._attn_implementation == "sdpa" and trainer.model is model
