@@ -1,0 +1,28 @@
+"""Max abs difference between TL-Align targets and the full label-vector reference of the tests, per case.
+
+    python scripts/check_equivalence.py
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.test_modeling import max_reference_difference  # noqa: E402
+
+rows = []
+for family in ("vit", "deit"):
+    for backend in ("eager", "sdpa"):
+        for kind in ("fractional", "binary", "constant"):
+            d, moved = max_reference_difference(family, backend, kind)
+            rows.append(f"| {family} | {backend} | auto | {kind} | {d:.2e} | {moved:.3f} |")
+for backend in ("eager", "sdpa"):
+    for path in ("eager", "value_channel", "explicit"):
+        d, moved = max_reference_difference("deit", backend, "fractional", path)
+        rows.append(f"| deit | {backend} | {path} | fractional | {d:.2e} | {moved:.3f} |")
+for family in ("vit", "deit"):
+    d, moved = max_reference_difference(family, "sdpa", "binary", image_hw=(16, 32), interpolate_pos_encoding=True)
+    rows.append(f"| {family} (16x32, interpolated) | sdpa | auto | binary | {d:.2e} | {moved:.3f} |")
+print("| model | backend | path | token weights | max abs diff vs full-vector reference | max abs aligned_lam - mix_lam |")
+print("|---|---|---|---|---|---|")
+print("\n".join(rows))
