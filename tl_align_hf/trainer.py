@@ -130,17 +130,18 @@ class TLAlignTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- logging
     def _record_alignment(self, mix_lam: torch.Tensor, aligned_lam: torch.Tensor | None) -> None:
+        """Keep this step's mean shares on the device; they are read (one sync) only when logged."""
         metrics = self._alignment_metrics["train"]
-        metrics["mix_lam"].append(mix_lam.float().mean().item())
+        metrics["mix_lam"].append(mix_lam.detach().float().mean())
         if aligned_lam is not None:
-            metrics["aligned_lam"].append(aligned_lam.float().mean().item())
-            metrics["alignment_gap"].append((aligned_lam.float() - mix_lam.float()).abs().mean().item())
+            metrics["aligned_lam"].append(aligned_lam.detach().float().mean())
+            metrics["alignment_gap"].append((aligned_lam.detach().float() - mix_lam.float()).abs().mean())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the averaged alignment metrics of the steps since the last log (training logs only)."""
+        """Add the alignment metrics averaged over the steps since the last log (training logs only)."""
         mode = "train" if "loss" in logs else "eval"
         metrics = self._alignment_metrics[mode]
-        logs.update({name: sum(values) / len(values) for name, values in metrics.items() if values})
+        logs.update({name: torch.stack(values).mean().item() for name, values in metrics.items() if values})
         metrics.clear()
         super().log(logs, start_time)
 
