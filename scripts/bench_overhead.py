@@ -6,6 +6,7 @@ timed steps after warm-up.
 
     python scripts/bench_overhead.py                       # DeiT-Tiny and DeiT-Small, 224 px, CPU batch 32
     python scripts/bench_overhead.py --configs tiny --steps 10 --json docs/bench_overhead_cpu.json
+    python scripts/bench_overhead.py --configs swin_tiny   # Swin-T (SwinConfig defaults: patch 4, window 7)
 
 Variants:
     1 plain-sdpa        plain mixing (area target), SDPA attention
@@ -13,6 +14,7 @@ Variants:
     3 tl-align-sdpa     TL-Align, SDPA chosen ("auto" path: eager probabilities on CPU, value channel on GPU)
     4 tl-align-eager    TL-Align, eager attention (probabilities reused)
     5 official          eager attention, (B, N, C) label vectors propagated through every block, C = 1000
+                        (DeiT only: the official code has no Swin path)
     extra: tl-align-value-channel (fused value-channel path forced, to show why CPU does not use it)
 """
 
@@ -26,27 +28,33 @@ import statistics
 import time
 
 import torch
-from transformers import DeiTConfig
+from transformers import DeiTConfig, SwinConfig
 
-from tl_align_hf import TLAlignDeiTForImageClassification, mixing_loss
+from tl_align_hf import TLAlignDeiTForImageClassification, TLAlignSwinForImageClassification, mixing_loss
 
+# name: (title, aligned class, config class, config values); image_size and num_labels are added
 CONFIGS = {
-    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
-    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "tiny": ("DeiT-Tiny", TLAlignDeiTForImageClassification, DeiTConfig,
+             dict(patch_size=16, hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768)),
+    "small": ("DeiT-Small", TLAlignDeiTForImageClassification, DeiTConfig,
+              dict(patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)),
+    # SwinConfig's defaults are Swin-T: patch 4, embed_dim 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), window 7
+    "swin_tiny": ("Swin-Tiny", TLAlignSwinForImageClassification, SwinConfig, dict()),
 }
 NUM_CLASSES = 1000
 
 
-def make_model(name: str, image_size: int, device: torch.device) -> TLAlignDeiTForImageClassification:
-    config = DeiTConfig(image_size=image_size, patch_size=16, num_labels=NUM_CLASSES, **CONFIGS[name])
+def make_model(name: str, image_size: int, device: torch.device):
+    _, aligned_class, config_class, values = CONFIGS[name]
+    config = config_class(image_size=image_size, num_labels=NUM_CLASSES, **values)
     config._attn_implementation = "sdpa"
-    return TLAlignDeiTForImageClassification(config).to(device).train()
+    return aligned_class(config).to(device).train()
 
 
-def make_batch(batch_size: int, image_size: int, device: torch.device, seed: int = 0) -> dict:
+def make_batch(batch_size: int, image_size: int, patch_size: int, device: torch.device, seed: int = 0) -> dict:
     """A token-grid CutMix batch: half of the patches of each image come from its partner."""
     generator = torch.Generator().manual_seed(seed)
-    grid = image_size // 16
+    grid = image_size // patch_size
     token_weights = torch.ones(batch_size, grid, grid)
     token_weights[:, grid // 4 : grid // 4 + grid // 2, : grid // 2 + 2] = 0.0
     token_weights = token_weights.flatten(1)
@@ -102,8 +110,10 @@ def synchronize(device: torch.device) -> None:
 
 def measure(name: str, variants: list[str], args, device: torch.device) -> dict:
     model = make_model(name, args.image_size, device)
+    if not isinstance(model, TLAlignDeiTForImageClassification):  # the official formulation exists for DeiT only
+        variants = [variant for variant in variants if variant != "official"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    batch = make_batch(args.batch_size, args.image_size, device)
+    batch = make_batch(args.batch_size, args.image_size, model.config.patch_size, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     times = {variant: [] for variant in variants}
     peak_memory = {}
@@ -134,7 +144,7 @@ def measure(name: str, variants: list[str], args, device: torch.device) -> dict:
 
 
 def print_table(name: str, rows: dict, args, device: torch.device) -> None:
-    print(f"\n### DeiT-{name.capitalize()}, {args.image_size} px, batch {args.batch_size}, {device.type}")
+    print(f"\n### {CONFIGS[name][0]}, {args.image_size} px, batch {args.batch_size}, {device.type}")
     has_memory = any("peak_memory_gib" in row for row in rows.values())
     header = "| variant | median step (s) | ratio to plain-sdpa |" + (" peak memory (GiB) | memory ratio |" if has_memory else "")
     print(header)

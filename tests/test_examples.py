@@ -14,8 +14,8 @@ import torch
 import yaml
 from transformers import (
     AutoImageProcessor,
-    BeitConfig,
-    BeitForImageClassification,
+    ConvNextConfig,
+    ConvNextForImageClassification,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -129,12 +129,11 @@ def test_raises_error_when_image_column_is_wrong(digits_dir, tmp_path):
 
 
 def test_raises_error_when_model_family_is_unsupported(digits_dir, tmp_path):
-    pretrained = tmp_path / "beit"
-    config = BeitConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=64, num_labels=10)
-    BeitForImageClassification(config).save_pretrained(pretrained)
+    pretrained = tmp_path / "convnext"
+    config = ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1], num_labels=10)
+    ConvNextForImageClassification(config).save_pretrained(pretrained)
     default_image_processor(IMAGE_SIZE).save_pretrained(pretrained)
-    with pytest.raises(ValueError, match=r"does not support BeitForImageClassification.*Supported"):
+    with pytest.raises(ValueError, match=r"does not support ConvNextForImageClassification.*Supported"):
         example.main(quick_args(digits_dir, tmp_path / "run", "--model_name_or_path", str(pretrained)))
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForImageClassification,
-    BeitConfig,
-    BeitForImageClassification,
+    ConvNextConfig,
+    ConvNextForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     ViTForImageClassification,
@@ -260,11 +260,10 @@ def test_aligned_classes_add_no_weights(parent, aligned_class):
 
 
 def test_raises_error_when_architecture_is_unsupported():
-    config = BeitConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
-    model = BeitForImageClassification(config)
-    with pytest.raises(ValueError, match=r"BeitForImageClassification.*model_type='beit'.*ViTForImageClassification"):
+    model = ConvNextForImageClassification(ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1]))
+    with pytest.raises(ValueError, match=r"ConvNextForImageClassification.*model_type='convnext'.*ViTForImageClassification"):
         to_tl_align(model)
-    assert type(model) is BeitForImageClassification
+    assert type(model) is ConvNextForImageClassification
 
 
 def _bad(batch, **changes):

@@ -266,19 +266,10 @@ def test_raises_error_when_mix_probability_is_out_of_range(tmp_path):
 
 
 def test_raises_error_when_model_is_unsupported(tmp_path):
-    from transformers import BeitConfig, BeitForImageClassification
+    from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    model = BeitForImageClassification(
-        BeitConfig(
-            image_size=16,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-        )
-    )
-    with pytest.raises(ValueError, match="TL-Align does not support BeitForImageClassification"):
+    model = ConvNextForImageClassification(ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1]))
+    with pytest.raises(ValueError, match="TL-Align does not support ConvNextForImageClassification"):
         TLAlignTrainer(model=model, args=make_args(tmp_path))
 
 

@@ -16,10 +16,19 @@ from .digits import default_digits_dir, write_digits_imagefolder
 from .losses import mixed_soft_targets, mixing_loss, soft_target_cross_entropy
 from .model_card import model_card_text, push_checkpoint_to_hub, write_model_card
 from .modeling import (
+    TLAlignBeitForImageClassification,
+    TLAlignCLIPForImageClassification,
     TLAlignDeiTForImageClassification,
     TLAlignDeiTForImageClassificationWithTeacher,
+    TLAlignDinov2ForImageClassification,
+    TLAlignDinov2WithRegistersForImageClassification,
+    TLAlignIJepaForImageClassification,
+    TLAlignMetaClip2ForImageClassification,
     TLAlignMixin,
+    TLAlignSiglipForImageClassification,
+    TLAlignSwinForImageClassification,
     TLAlignViTForImageClassification,
+    TLAlignViTMSNForImageClassification,
     to_tl_align,
 )
 from .trainer import TLAlignTrainer
@@ -27,13 +36,22 @@ from .trainer import TLAlignTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "TLAlignBeitForImageClassification",
+    "TLAlignCLIPForImageClassification",
     "TLAlignCollator",
     "TLAlignConfig",
     "TLAlignDeiTForImageClassification",
     "TLAlignDeiTForImageClassificationWithTeacher",
+    "TLAlignDinov2ForImageClassification",
+    "TLAlignDinov2WithRegistersForImageClassification",
+    "TLAlignIJepaForImageClassification",
+    "TLAlignMetaClip2ForImageClassification",
     "TLAlignMixin",
+    "TLAlignSiglipForImageClassification",
+    "TLAlignSwinForImageClassification",
     "TLAlignTrainer",
     "TLAlignViTForImageClassification",
+    "TLAlignViTMSNForImageClassification",
     "TokenLabelAligner",
     "check_columns",
     "default_digits_dir",

@@ -13,6 +13,10 @@ block and hands it to the aligner, on one of three paths:
   materialised (ALGORITHM.md). The default on accelerators with a non-eager backend.
 - ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
   whenever attention dropout is active, because the shares must not see dropout.
+
+The aligner travels with the forward pass's ``**kwargs``, which transformers models hand down to the attention
+function. A few attention modules take the kwargs but do not pass them on (SigLIP's); :func:`pass_aligner_through`
+hooks such a module so that the aligner reaches the attention function as an attribute of the module instead.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .aligner import TokenLabelAligner
 ROUTE_PREFIX = "tl_align_"
 ATTENTION_PATHS = ("auto", "eager", "value_channel", "explicit")
 _CHANNEL_MULTIPLE = 8  # head dims that fused kernels accept
+ALIGNER_ATTRIBUTE = "_tl_align_aligner"  # where pass_aligner_through keeps the aligner during an attention call
 
 
 def base_attention_implementation(implementation: str | None) -> str | None:
@@ -67,6 +72,25 @@ def base_attention_function(module: torch.nn.Module, base_implementation: str) -
     if base_implementation == "eager":
         return eager
     return ALL_ATTENTION_FUNCTIONS.get_interface(base_implementation, eager)
+
+
+def _stash_aligner(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    setattr(module, ALIGNER_ATTRIBUTE, kwargs.get("token_label_aligner"))
+
+
+def _drop_aligner(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    setattr(module, ALIGNER_ATTRIBUTE, None)
+
+
+def pass_aligner_through(attention_module: torch.nn.Module) -> None:
+    """Hook an attention module that drops its ``**kwargs`` so that its attention calls still see the aligner.
+
+    For the duration of each call, the ``token_label_aligner`` keyword argument the module receives is kept on the
+    module, where :func:`aligned_attention_forward` finds it. Without that argument the hooks do nothing.
+    """
+    setattr(attention_module, ALIGNER_ATTRIBUTE, None)
+    attention_module.register_forward_pre_hook(_stash_aligner, with_kwargs=True)
+    attention_module.register_forward_hook(_drop_aligner, with_kwargs=True, always_call=True)
 
 
 def choose_path(requested: str, base_implementation: str, device: torch.device, dropout: float) -> str:
@@ -139,17 +163,25 @@ def aligned_attention_forward(
     """Attention of ``base_implementation`` that also feeds ``token_label_aligner``, when one is passed.
 
     Args:
-        query, key, value: `(B, H, N, head_dim)`.
+        query, key, value: `(B', H, N', head_dim)`; `(B, H, N, head_dim)` unless the aligner has a token layout
+            (Swin: one row per window).
         token_label_aligner: the forward pass's aligner; ``None`` makes this the plain backend.
     Returns:
         `(B, N, H, head_dim)` attention output and the backend's attention weights (or ``None``).
     """
     base_function = base_attention_function(module, base_implementation)
     if token_label_aligner is None:
+        token_label_aligner = getattr(module, ALIGNER_ATTRIBUTE, None)
+    if token_label_aligner is None:
         return base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     path = choose_path(token_label_aligner.attention_path, base_implementation, query.device, dropout)
-    shares = token_label_aligner.shares
+    if token_label_aligner.closed:
+        # Recomputed for gradient checkpointing: same path, so the same output, but the shares are final already
+        # (and, in models that merge tokens, no longer of this block's size); the share channel is ignored.
+        shares = query.new_zeros(query.shape[0], query.shape[2], dtype=torch.float32)
+    else:
+        shares = token_label_aligner.attention_shares()
     if path == "value_channel":
         output, weights, attended = _value_channel_attention(
             base_function, module, query, key, value, attention_mask, dropout, scaling, shares, **kwargs
@@ -161,6 +193,9 @@ def aligned_attention_forward(
         attended = _mean_attended_shares(weights.detach(), shares)
     else:
         output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        attended = _mean_attended_shares(_dropout_free_probabilities(query, key, attention_mask, scaling), shares)
-    token_label_aligner.update(attended)
+        attended = None
+        if not token_label_aligner.closed:  # the dropout-free probabilities are only worth computing when used
+            attended = _mean_attended_shares(_dropout_free_probabilities(query, key, attention_mask, scaling), shares)
+    if attended is not None:
+        token_label_aligner.update(attended)  # ignored when closed
     return output, weights

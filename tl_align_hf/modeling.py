@@ -2,27 +2,49 @@
 
 The subclasses add no weights and rename no modules. Called without mixing arguments they are their parent class.
 Called with the batch contract (``mix_index``, ``token_weights``, ``mix_lam``, as :class:`TLAlignCollator` produces
-it) they create a :class:`TokenLabelAligner`, pass it down to every attention call through the model's ``**kwargs``,
-and return ``aligned_lam``: the share of each sample's own label in its aligned target. With ``labels`` they also
-return the soft-target loss against that target.
+it) they create a :class:`TokenLabelAligner`, pass it down to every attention call through the model's ``**kwargs``
+(or, for attention modules that drop them, through :func:`~tl_align_hf.attention.pass_aligner_through`), and
+return ``aligned_lam``: the share of each sample's own label in its aligned target. With ``labels`` they also return
+the soft-target loss against that target.
+
+Every family goes through the same mechanism (:mod:`tl_align_hf.attention` feeding a :class:`TokenLabelAligner`);
+what differs between families is data on each subclass: the tokens in front of the patch tokens, the read-out that
+mirrors the classifier's pooling, and, for Swin, how the tokens are re-arranged into windows and merged.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from transformers import (
+    BeitForImageClassification,
+    CLIPForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersForImageClassification,
+    IJepaForImageClassification,
+    MetaClip2ForImageClassification,
     PreTrainedModel,
+    SiglipForImageClassification,
+    SwinForImageClassification,
     ViTForImageClassification,
+    ViTMSNForImageClassification,
 )
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.deit.modeling_deit import DeiTForImageClassificationWithTeacherOutput
+from transformers.models.siglip.modeling_siglip import SiglipAttention
+from transformers.models.swin.modeling_swin import SwinLayer, SwinStage, window_partition, window_reverse
 
 from .aligner import MIXING_ARGUMENTS, TokenLabelAligner, validate_mixing_inputs
-from .attention import ATTENTION_PATHS, base_attention_implementation, routed_attention_implementation
+from .attention import (
+    ATTENTION_PATHS,
+    base_attention_implementation,
+    pass_aligner_through,
+    routed_attention_implementation,
+)
 from .losses import mixing_loss
 
 
@@ -41,29 +63,61 @@ class TLAlignDeiTWithTeacherOutput(DeiTForImageClassificationWithTeacherOutput):
     aligned_lam: torch.FloatTensor | None = None
 
 
+READOUTS = ("cls", "patch_mean", "cls_and_patch_mean")
+
+
+def _vision_config(config):
+    """The config holding the patch settings and blocks (composite models such as CLIP keep them in vision_config)."""
+    return getattr(config, "vision_config", None) or config
+
+
 def _patch_grid_size(config, pixel_values: torch.Tensor) -> int:
-    patch_size = config.patch_size
+    patch_size = _vision_config(config).patch_size
     patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     return (pixel_values.shape[-2] // patch_h) * (pixel_values.shape[-1] // patch_w)
+
+
+def _configs(config) -> list:
+    """``config`` and its sub-configs (vision and text configs of composite models)."""
+    return [config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}) if hasattr(config, name))]
 
 
 class TLAlignMixin:
     """Token-label alignment for a transformers image classifier whose attention uses the attention interface.
 
-    Subclasses set ``tl_align_parent`` (the transformers class they extend) and ``tl_align_num_prefix_tokens``
-    (tokens before the patch tokens, all starting at ``mix_lam``), and may override :meth:`tl_align_readout`.
+    Subclasses set ``tl_align_parent`` (the transformers class they extend), ``tl_align_num_prefix_tokens`` (tokens
+    before the patch tokens, all starting at ``mix_lam``: CLS, distillation, registers) and ``tl_align_pooling``,
+    the read-out that mirrors the classifier's pooling (see :meth:`tl_align_readout`). Families whose attention
+    modules drop the forward's ``**kwargs`` list those classes in ``tl_align_kwargs_dropped_by`` (SigLIP); families
+    whose attention sees the tokens re-arranged (Swin) also override :meth:`tl_align_install_hooks`.
     ``tl_align_attention_path`` picks how shares are computed (``"auto"``; see :mod:`tl_align_hf.attention`).
     """
 
     tl_align_parent: type[PreTrainedModel]
     tl_align_num_prefix_tokens: int = 1
+    tl_align_pooling: str = "cls"
     tl_align_attention_path: str = "auto"
+    # attention modules that take the forward's **kwargs but do not hand them to the attention function
+    tl_align_kwargs_dropped_by: tuple[type[torch.nn.Module], ...] = ()
 
     def __init__(self, config, *args, **kwargs):
         # A config taken from another aligned model carries the routed name; transformers must see the backend.
-        config._attn_implementation_internal = base_attention_implementation(config._attn_implementation)
+        for sub_config in _configs(config):
+            sub_config._attn_implementation_internal = base_attention_implementation(sub_config._attn_implementation)
         super().__init__(config, *args, **kwargs)
         self.tl_align_route_attention()
+        self.tl_align_install_hooks()
+
+    @property
+    def tl_align_num_blocks(self) -> int:
+        """Attention blocks in one forward pass: one share update each."""
+        return _vision_config(self.config).num_hidden_layers
+
+    def tl_align_install_hooks(self) -> None:
+        """Register the module hooks a family needs: none, unless its attention modules drop the kwargs."""
+        for module in self.modules():
+            if isinstance(module, self.tl_align_kwargs_dropped_by):
+                pass_aligner_through(module)
 
     def tl_align_route_attention(self) -> None:
         """Route every attention call of the model through the aligned wrapper of its current backend."""
@@ -99,8 +153,19 @@ class TLAlignMixin:
             self.__class__ = aligned_class
 
     def tl_align_readout(self, shares: torch.Tensor) -> torch.Tensor:
-        """`(B, N)` final token shares -> `(B,)` aligned share; CLS-pooled models read the CLS token."""
-        return shares[:, 0]
+        """`(B, N)` final token shares -> `(B,)` aligned share, pooled as the classifier pools the tokens.
+
+        ``tl_align_pooling``: ``"cls"`` reads the CLS token; ``"patch_mean"`` averages the tokens after the
+        ``tl_align_num_prefix_tokens`` prefix tokens (all tokens when there are none); ``"cls_and_patch_mean"``
+        (DINOv2, whose classifier reads ``[CLS, mean of patch tokens]``) is the mean of the CLS share and the mean
+        patch share. Every read-out is a mean of shares, so the aligned target stays in [0, 1].
+        """
+        if self.tl_align_pooling == "cls":
+            return shares[:, 0]
+        patch_mean = shares[:, self.tl_align_num_prefix_tokens :].mean(dim=1)
+        if self.tl_align_pooling == "patch_mean":
+            return patch_mean
+        return 0.5 * (shares[:, 0] + patch_mean)
 
     def _start_aligner(self, pixel_values, mix_index, token_weights, mix_lam) -> TokenLabelAligner:
         missing = [name for name, value in zip(MIXING_ARGUMENTS, (mix_index, token_weights, mix_lam)) if value is None]
@@ -115,6 +180,8 @@ class TLAlignMixin:
             raise ValueError(
                 f"`tl_align_attention_path` must be one of {ATTENTION_PATHS}, got {self.tl_align_attention_path!r}."
             )
+        if self.tl_align_pooling not in READOUTS:
+            raise ValueError(f"`tl_align_pooling` must be one of {READOUTS}, got {self.tl_align_pooling!r}.")
         num_patches = _patch_grid_size(self.config, pixel_values)
         validate_mixing_inputs(mix_index, token_weights, mix_lam, pixel_values.shape[0], num_patches)
         return TokenLabelAligner(token_weights, mix_lam, self.tl_align_num_prefix_tokens, self.tl_align_attention_path)
@@ -129,7 +196,7 @@ class TLAlignMixin:
         aligner = self._start_aligner(pixel_values, mix_index, token_weights, mix_lam)
         kwargs["return_dict"] = True
         outputs = super().forward(pixel_values, token_label_aligner=aligner, **kwargs)
-        aligner.close(expected_updates=self.config.num_hidden_layers)
+        aligner.close(expected_updates=self.tl_align_num_blocks)
         return outputs, self.tl_align_readout(aligner.shares)
 
     def forward(
@@ -249,10 +316,202 @@ class TLAlignDeiTForImageClassificationWithTeacher(TLAlignMixin, DeiTForImageCla
         return 0.5 * (head_losses[0] + head_losses[1])
 
 
+class TLAlignViTMSNForImageClassification(TLAlignMixin, ViTMSNForImageClassification):
+    """:class:`~transformers.ViTMSNForImageClassification` with token-label alignment (CLS read-out)."""
+
+    tl_align_parent = ViTMSNForImageClassification
+    tl_align_num_prefix_tokens = 1
+
+
+class TLAlignDinov2ForImageClassification(TLAlignMixin, Dinov2ForImageClassification):
+    """:class:`~transformers.Dinov2ForImageClassification` with token-label alignment.
+
+    The classifier reads ``[CLS, mean of the patch tokens]``, so the aligned share is the mean of the CLS share and
+    the mean patch share (``tl_align_pooling = "cls_and_patch_mean"``): each half of the classifier input gets
+    its own share, with equal weight.
+    """
+
+    tl_align_parent = Dinov2ForImageClassification
+    tl_align_num_prefix_tokens = 1
+    tl_align_pooling = "cls_and_patch_mean"
+
+
+class TLAlignDinov2WithRegistersForImageClassification(TLAlignMixin, Dinov2WithRegistersForImageClassification):
+    """:class:`~transformers.Dinov2WithRegistersForImageClassification` with token-label alignment.
+
+    The register tokens start at ``mix_lam`` like CLS. The classifier reads ``[CLS, mean of the patch tokens]``
+    (registers excluded), so the aligned share is the mean of the CLS share and the mean patch share.
+    """
+
+    tl_align_parent = Dinov2WithRegistersForImageClassification
+    tl_align_pooling = "cls_and_patch_mean"
+
+    @property
+    def tl_align_num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_register_tokens
+
+
+class TLAlignBeitForImageClassification(TLAlignMixin, BeitForImageClassification):
+    """:class:`~transformers.BeitForImageClassification` with token-label alignment.
+
+    The read-out follows ``config.use_mean_pooling``: the mean of the patch shares (the default), or the CLS share.
+    The relative position bias reaches the attention as its mask, so the shares see it on every path.
+    """
+
+    tl_align_parent = BeitForImageClassification
+    tl_align_num_prefix_tokens = 1
+
+    @property
+    def tl_align_pooling(self) -> str:
+        return "patch_mean" if self.config.use_mean_pooling else "cls"
+
+
+class TLAlignIJepaForImageClassification(TLAlignMixin, IJepaForImageClassification):
+    """:class:`~transformers.IJepaForImageClassification` with token-label alignment.
+
+    I-JEPA has no CLS token and its classifier averages all tokens: the aligned share is the mean share.
+    """
+
+    tl_align_parent = IJepaForImageClassification
+    tl_align_num_prefix_tokens = 0
+    tl_align_pooling = "patch_mean"
+
+
+class TLAlignCLIPForImageClassification(TLAlignMixin, CLIPForImageClassification):
+    """:class:`~transformers.CLIPForImageClassification` with token-label alignment (vision tower only).
+
+    The classifier averages the patch tokens (not the CLS token): the aligned share is the mean patch share.
+    """
+
+    tl_align_parent = CLIPForImageClassification
+    tl_align_num_prefix_tokens = 1
+    tl_align_pooling = "patch_mean"
+
+
+class TLAlignMetaClip2ForImageClassification(TLAlignMixin, MetaClip2ForImageClassification):
+    """:class:`~transformers.MetaClip2ForImageClassification` with token-label alignment (mean patch share)."""
+
+    tl_align_parent = MetaClip2ForImageClassification
+    tl_align_num_prefix_tokens = 1
+    tl_align_pooling = "patch_mean"
+
+
+class TLAlignSiglipForImageClassification(TLAlignMixin, SiglipForImageClassification):
+    """:class:`~transformers.SiglipForImageClassification` with token-label alignment.
+
+    SigLIP has no CLS token and its classifier averages all tokens: the aligned share is the mean share. (The
+    vision tower's attention-pooling head, which the classifier does not use, does not change the shares.)
+    """
+
+    tl_align_parent = SiglipForImageClassification
+    tl_align_num_prefix_tokens = 0
+    tl_align_pooling = "patch_mean"
+    tl_align_kwargs_dropped_by = (SiglipAttention,)
+
+
+# ----------------------------------------------------------------------------------------------------------- Swin
+def _input_dimensions(args: tuple, kwargs: dict) -> tuple[int, int]:
+    """The `(height, width)` token grid passed to a SwinLayer or SwinStage call."""
+    return tuple(args[1]) if len(args) > 1 else tuple(kwargs["input_dimensions"])
+
+
+class _SwinWindows:
+    """The token layout of one SwinLayer's attention: the layer's own padding, cyclic shift and window partition.
+
+    Padded positions (when the grid is not a whole number of windows) hold ``mix_lam``: like the CLS token, they
+    carry no pixels of either image. The layer's window and shift sizes are read when the attention runs, after the
+    layer has adapted them to its input (windows no larger than the grid, no shift then).
+    """
+
+    def __init__(self, layer: SwinLayer, height: int, width: int, fill: torch.Tensor):
+        self.layer, self.height, self.width = layer, height, width
+        self.fill = fill[:, None, None, None]  # (B, 1, 1, 1)
+
+    def to_attention(self, shares: torch.Tensor) -> torch.Tensor:
+        """`(B, H*W)` -> `(B * num_windows, window_size**2)`."""
+        grid = shares.view(-1, self.height, self.width, 1) - self.fill
+        grid, _ = self.layer.maybe_pad(grid, self.height, self.width)
+        self.padded_size = tuple(grid.shape[1:3])
+        windows = window_partition(self.layer.cyclic_shift(grid + self.fill), self.layer.window_size)
+        return windows.reshape(windows.shape[0], -1)
+
+    def from_attention(self, attended: torch.Tensor) -> torch.Tensor:
+        """`(B * num_windows, window_size**2)` -> `(B, H*W)`."""
+        window_size = self.layer.window_size
+        windows = attended.view(-1, window_size, window_size, 1)
+        grid = self.layer.cyclic_shift(window_reverse(windows, window_size, *self.padded_size), reverse=True)
+        return grid[:, : self.height, : self.width].reshape(grid.shape[0], -1)
+
+
+def _merge_2x2_shares(shares: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Swin's patch merging for shares: `(B, H*W)` -> `(B, ceil(H/2) * ceil(W/2))`, the mean of each 2x2 group.
+
+    At an odd border Swin merges zero padding, which carries no content: the mean is over the real tokens.
+    """
+    grid = shares.view(-1, 1, height, width)
+    padding = (0, width % 2, 0, height % 2)
+    group_sums = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(grid, padding), 2, divisor_override=1)
+    real_tokens = torch.nn.functional.pad(torch.ones_like(grid[:1]), padding)
+    group_sizes = torch.nn.functional.avg_pool2d(real_tokens, 2, divisor_override=1)
+    return (group_sums / group_sizes).flatten(1)
+
+
+def _swin_layer_pre_hook(layer: SwinLayer, args: tuple, kwargs: dict) -> None:
+    aligner = kwargs.get("token_label_aligner")
+    if aligner is not None and not aligner.closed:
+        aligner.layout = _SwinWindows(layer, *_input_dimensions(args, kwargs), aligner.mix_lam)
+
+
+def _swin_stage_hook(stage: SwinStage, args: tuple, kwargs: dict, output) -> None:
+    aligner = kwargs.get("token_label_aligner")
+    if aligner is not None:
+        aligner.layout = None
+        if stage.downsample is not None:
+            height, width = _input_dimensions(args, kwargs)
+            aligner.merge_tokens(functools.partial(_merge_2x2_shares, height=height, width=width))
+
+
+class TLAlignSwinForImageClassification(TLAlignMixin, SwinForImageClassification):
+    """:class:`~transformers.SwinForImageClassification` with token-label alignment.
+
+    The shares follow the tokens: each block's attention sees them padded, cyclically shifted and partitioned into
+    windows exactly as the hidden states (the shift mask and relative position bias are part of the probabilities),
+    and the update is mapped back to the token grid. Patch merging takes the mean of each 2x2 group of shares, and
+    the aligned share is the mean of the final shares, as the classifier mean-pools the final tokens. ``token_weights``
+    cover the first stage's token grid, which is the patch grid. Hooks on the Swin layers and stages tell the aligner
+    the geometry; without mixing arguments they do nothing.
+    """
+
+    tl_align_parent = SwinForImageClassification
+    tl_align_num_prefix_tokens = 0
+    tl_align_pooling = "patch_mean"
+
+    @property
+    def tl_align_num_blocks(self) -> int:
+        return sum(self.config.depths)
+
+    def tl_align_install_hooks(self) -> None:
+        super().tl_align_install_hooks()
+        for module in self.modules():
+            if isinstance(module, SwinLayer):
+                module.register_forward_pre_hook(_swin_layer_pre_hook, with_kwargs=True)
+            elif isinstance(module, SwinStage):
+                module.register_forward_hook(_swin_stage_hook, with_kwargs=True)
+
+
 ALIGNED_CLASSES: dict[type[PreTrainedModel], type[TLAlignMixin]] = {
     ViTForImageClassification: TLAlignViTForImageClassification,
     DeiTForImageClassification: TLAlignDeiTForImageClassification,
     DeiTForImageClassificationWithTeacher: TLAlignDeiTForImageClassificationWithTeacher,
+    ViTMSNForImageClassification: TLAlignViTMSNForImageClassification,
+    Dinov2ForImageClassification: TLAlignDinov2ForImageClassification,
+    Dinov2WithRegistersForImageClassification: TLAlignDinov2WithRegistersForImageClassification,
+    BeitForImageClassification: TLAlignBeitForImageClassification,
+    IJepaForImageClassification: TLAlignIJepaForImageClassification,
+    CLIPForImageClassification: TLAlignCLIPForImageClassification,
+    MetaClip2ForImageClassification: TLAlignMetaClip2ForImageClassification,
+    SiglipForImageClassification: TLAlignSiglipForImageClassification,
+    SwinForImageClassification: TLAlignSwinForImageClassification,
 }
 
 
@@ -272,8 +531,12 @@ def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
             f"TL-Align does not support {type(model).__name__} (model_type={model_type!r}). Supported classes: "
-            f"{supported}."
+            f"{supported}. TL-Align follows the labels through attention, so it needs pre-norm residual attention "
+            "blocks that run through transformers' attention interface and a known read-out; convolutional and "
+            "hybrid models and the families implemented otherwise (Swinv2, Hiera, PVT, MobileViT, ...) are not "
+            "supported."
         )
     model.__class__ = aligned_class
     model.tl_align_route_attention()
+    model.tl_align_install_hooks()
     return model
