@@ -79,7 +79,8 @@ def _patch_grid_size(config, pixel_values: torch.Tensor) -> int:
 
 def _configs(config) -> list:
     """``config`` and its sub-configs (vision and text configs of composite models)."""
-    return [config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}) if hasattr(config, name))]
+    sub_configs = (getattr(config, name, None) for name in getattr(config, "sub_configs", {}))
+    return [config, *(sub_config for sub_config in sub_configs if sub_config is not None)]
 
 
 class TLAlignMixin:
