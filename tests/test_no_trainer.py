@@ -1,0 +1,260 @@
+"""examples/run_image_classification_no_trainer.py in one process: training, outputs, exact resume, interrupted
+checkpoints, arguments, pushing. The multi-process runs are in tests/test_distributed.py.
+
+Training runs call `main(argv)` in this process on a tiny ViT (16 px images, 4 px patches) and a digits imagefolder
+written once per module (data loader workers off, so that resume is exact).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from huggingface_hub import HfApi
+from transformers import ViTForImageClassification
+
+from tests.hub_server import FAKE_TOKEN, FAKE_USER, HubServer, patch_client_in_process
+from tl_align_hf import TLAlignConfig, default_image_processor, write_digits_imagefolder
+
+from .tiny_models import tiny_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY_IMAGE_SIZE = 16
+# 20 training images, batches of 4, 2 micro-batches per step: 5 micro-batches and 3 steps per epoch (the last one
+# a single micro-batch), so 5 steps cross an epoch boundary; checkpoints at steps 2 and 4.
+RESUME_RUN = {
+    "--max_train_samples": "20",
+    "--per_device_train_batch_size": "4",
+    "--gradient_accumulation_steps": "2",
+    "--max_train_steps": "5",
+    "--checkpointing_steps": "2",
+    "--mixing_method": "cutmix",
+}
+
+
+def load_example(name: str):
+    """An example script as a module (the same module object when already imported)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+no_trainer = load_example("run_image_classification_no_trainer")
+
+
+def write_tiny_checkpoint(folder: Path) -> Path:
+    """A tiny ViT for 16 px digits (10 labels, sharp attention) and its image processor, saved to `folder`."""
+    model = tiny_model(ViTForImageClassification, "eager", image_size=TINY_IMAGE_SIZE, num_hidden_layers=2)
+    model.save_pretrained(folder)
+    default_image_processor(TINY_IMAGE_SIZE).save_pretrained(folder)
+    return folder
+
+
+def run_arguments(digits: Path, checkpoint: Path, output_dir: Path, options: dict[str, str] | None = None) -> list:
+    """Arguments of a short run of either example script on the tiny model; `options` override the defaults."""
+    values = {
+        "--model_name_or_path": str(checkpoint),
+        "--train_dir": str(digits / "train"),
+        "--validation_dir": str(digits / "validation"),
+        "--output_dir": str(output_dir),
+        "--max_train_samples": "32",
+        "--max_eval_samples": "45",
+        "--per_device_train_batch_size": "4",
+        "--per_device_eval_batch_size": "4",
+        "--learning_rate": "1e-3",
+        "--seed": "0",
+        "--logging_steps": "1",
+        **(options or {}),
+    }
+    return [item for pair in values.items() for item in pair]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits", image_size=TINY_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-vit")
+
+
+def train(digits: Path, checkpoint: Path, output_dir: Path, **options: str) -> dict:
+    """`main()` of the no-Trainer script on CPU; the results it wrote to all_results.json."""
+    argv = run_arguments(digits, checkpoint, output_dir, {**RESUME_RUN, **options}) + ["--cpu"]
+    return no_trainer.main(argv)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits, tiny_checkpoint, tmp_path_factory) -> tuple[dict, Path]:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "out"
+    return train(digits, tiny_checkpoint, output_dir), output_dir
+
+
+# ----------------------------------------------------------------------------------------------- training and outputs
+
+
+def test_train_with_no_trainer_script_saves_model_card_and_results(uninterrupted, tiny_checkpoint):
+    results, output_dir = uninterrupted
+    assert results["train_steps"] == 5 and results["eval_samples"] == 45
+    assert json.loads((output_dir / "all_results.json").read_text()) == results
+    log_history = json.loads((output_dir / "log_history.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    assert len(losses) >= 5 and all(torch.isfinite(torch.tensor(losses)))
+    assert [entry["eval_samples"] for entry in log_history if "eval_loss" in entry] == [45, 45]  # after each epoch
+    assert 0.0 < results["train_aligned_lam"] < 1.0 and results["train_alignment_gap"] > 0.0
+
+    loaded, info = ViTForImageClassification.from_pretrained(output_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.config.architectures == ["ViTForImageClassification"] and loaded.config.problem_type is None
+    assert no_trainer.weights_digest(loaded) == results["final_weights_sha256_per_process"][0]
+    initial = ViTForImageClassification.from_pretrained(tiny_checkpoint).state_dict()
+    unchanged = [name for name, value in loaded.state_dict().items() if torch.equal(value, initial[name])]
+    assert unchanged == []
+    assert (output_dir / "preprocessor_config.json").is_file()
+    card = (output_dir / "README.md").read_text()
+    assert "tl-align" in card and "cutmix" in card and "eval_accuracy" in card
+
+
+def test_checkpoints_hold_the_mixing_stream_and_are_safetensors(uninterrupted):
+    _, output_dir = uninterrupted
+    checkpoints = no_trainer.complete_checkpoints(output_dir)
+    assert [path.name for path in checkpoints] == ["checkpoint-step_2", "checkpoint-step_4"]
+    state = json.loads((checkpoints[0] / no_trainer.CHECKPOINT_STATE_NAME).read_text())
+    assert state == {"epoch": 0, "step_in_epoch": 4, "completed_steps": 2, "micro_batches": 4, "num_processes": 1}
+    collator_state = json.loads((checkpoints[0] / "tl_align_collator_state_0.json").read_text())
+    assert collator_state["collator"]["num_calls"] == 4  # trained batches, not the one the loader fetched ahead
+    assert (checkpoints[0] / "model.safetensors").is_file()
+    assert not list(output_dir.glob(f"*{no_trainer.PARTIAL_SUFFIX}"))
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(
+    uninterrupted, digits, tiny_checkpoint, tmp_path
+):
+    expected, full_dir = uninterrupted
+    resumed = train(
+        digits,
+        tiny_checkpoint,
+        tmp_path / "resumed",
+        **{"--resume_from_checkpoint": str(full_dir / "checkpoint-step_2")},
+    )
+    assert resumed["train_steps"] == 5
+    assert resumed["final_weights_sha256_per_process"] == expected["final_weights_sha256_per_process"]
+    assert resumed["eval_loss"] == expected["eval_loss"]
+
+
+class SimulatedKill(Exception):
+    """Stands for the process being killed."""
+
+
+def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_and_resume_picks_it(
+    uninterrupted, digits, tiny_checkpoint, tmp_path, monkeypatch
+):
+    expected, _ = uninterrupted
+    output_dir = tmp_path / "out"
+    save_state = Accelerator.save_state
+
+    def killed_after_writing_weights(self, output_dir=None, **kwargs):
+        location = save_state(self, output_dir, **kwargs)
+        if "step_4" in str(output_dir):
+            raise SimulatedKill(output_dir)
+        return location
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Accelerator, "save_state", killed_after_writing_weights)
+        with pytest.raises(SimulatedKill):
+            train(digits, tiny_checkpoint, output_dir)
+
+    partial = output_dir / f"checkpoint-step_4{no_trainer.PARTIAL_SUFFIX}"
+    assert (partial / "model.safetensors").is_file() and not (partial / no_trainer.CHECKPOINT_STATE_NAME).exists()
+    assert not (output_dir / "checkpoint-step_4").exists()
+    assert no_trainer.resolve_checkpoint("latest", str(output_dir)) == output_dir / "checkpoint-step_2"
+    with pytest.raises(ValueError, match="not a complete checkpoint.*--resume_from_checkpoint latest"):
+        no_trainer.resolve_checkpoint(str(partial), str(output_dir))
+
+    resumed = train(digits, tiny_checkpoint, output_dir, **{"--resume_from_checkpoint": "latest"})
+    assert resumed["final_weights_sha256_per_process"] == expected["final_weights_sha256_per_process"]
+    assert [path.name for path in no_trainer.complete_checkpoints(output_dir)][-1] == "checkpoint-step_4"
+    assert not partial.exists()
+
+
+def test_resume_latest_without_checkpoints_means_none(tmp_path):
+    assert no_trainer.resolve_checkpoint("latest", str(tmp_path)) is None
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def test_no_arguments_run_the_digits_default():
+    args = no_trainer.parse_args([])
+    assert args.use_digits and args.output_dir == no_trainer.DIGITS_OUTPUT_DIR
+    assert args.learning_rate == 0.002 and args.warmup_ratio == 0.1 and args.lr_scheduler_type.value == "cosine"
+    assert args.mixing_method == "token_cutmix" and args.per_device_train_batch_size == 64
+
+
+def test_mixing_arguments_have_the_names_and_defaults_of_tl_align_config(tmp_path):
+    args = no_trainer.parse_args(["--use_digits"])
+    config = TLAlignConfig(output_dir=str(tmp_path), seed=args.seed)
+    assert no_trainer.mixing_settings(args) == config.collator_kwargs()
+    for name in no_trainer.MIXING_FIELDS:
+        assert getattr(args, name) == getattr(config, name), name
+    args = no_trainer.parse_args(
+        ["--use_digits", "--no_tl_align", "--cutmix_minmax", "0.2", "0.8", "--mix_mode", "elem"]
+    )
+    assert args.tl_align is False and args.cutmix_minmax == [0.2, 0.8] and args.mix_mode == "elem"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train_dir", "x", "--use_digits"], "exactly one data source"),
+        (["--use_digits", "--checkpointing_steps", "often"], "positive number of steps or 'epoch'"),
+        (["--use_digits", "--checkpointing_steps", "10"], "--checkpointing_steps needs --output_dir"),
+        (["--use_digits", "--label_smoothing", "1.5"], r"--label_smoothing must be in \[0, 1\)"),
+        (["--use_digits", "--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+    ],
+    ids=["two_data_sources", "bad_checkpointing_steps", "checkpoints_without_output_dir", "smoothing", "accumulation"],
+)
+def test_raises_error_when_arguments_are_wrong(argv, message):
+    with pytest.raises(ValueError, match=message):
+        no_trainer.parse_args(argv)
+
+
+def test_raises_error_when_resuming_from_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        no_trainer.resolve_checkpoint(str(tmp_path / "checkpoint-step_9"), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------- Hub
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload
+def test_push_to_hub_sends_model_processor_and_card(digits, tiny_checkpoint, tmp_path, monkeypatch):
+    repo_id = f"{FAKE_USER}/tiny-no-trainer"
+    with HubServer(max_lifetime_s=300) as server:
+        patch_client_in_process(monkeypatch, server.url, tmp_path / "hf_home")
+        options = {
+            "--max_train_steps": "1",
+            "--max_eval_samples": "8",
+            "--checkpointing_steps": "1",
+            "--push_to_hub": "true",
+            "--hub_model_id": repo_id,
+            "--hub_token": FAKE_TOKEN,
+        }
+        train(digits, tiny_checkpoint, tmp_path / "out", **options)
+        files = set(HfApi(endpoint=server.url, token=FAKE_TOKEN).list_repo_files(repo_id))
+        assert not server.hub.unhandled
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"} <= files
+    assert not [name for name in files if name.startswith("checkpoint-")]
