@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
 import yaml
 from transformers import (
@@ -157,6 +158,8 @@ def parse_args(argv: list[str] | None = None):
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):  # transformers' single-file form
         argv = ["--config", argv[0]]
     parser = make_parser()
+    if launched_without_accelerator():
+        parser.set_defaults(use_cpu=True, dataloader_pin_memory=False)
     if "--config" in argv:
         position = argv.index("--config")
         if position + 1 >= len(argv):
@@ -169,6 +172,14 @@ def parse_args(argv: list[str] | None = None):
         parser.set_defaults(**config_values)
         argv = argv[:position] + argv[position + 2 :]
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def launched_without_accelerator() -> bool:
+    """Under torchrun / accelerate launch on a machine without GPUs (then `use_cpu` must default to True).
+
+    Without `use_cpu`, transformers would set up every process as a separate single-process run there.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def setup_logging(training_args: TLAlignConfig) -> None:
