@@ -24,41 +24,19 @@ import torch
 MIXING_ARGUMENTS = ("mix_index", "token_weights", "mix_lam")
 
 
-def _check_unit_interval(name: str, values: torch.Tensor) -> None:
-    if not torch.is_floating_point(values):
-        raise TypeError(f"`{name}` must be a floating-point tensor with values in [0, 1], got dtype {values.dtype}.")
-    if values.numel() and not bool(((values >= 0) & (values <= 1)).all()):
-        low, high = values.min().item(), values.max().item()
-        raise ValueError(
-            f"`{name}` must hold shares in [0, 1], got values in [{low:.4g}, {high:.4g}]. Pass the share of each "
-            "sample's own pixels (TLAlignCollator produces it)."
-        )
-
-
-def validate_mixing_inputs(
+def _check_dtypes_and_shapes(
     mix_index: torch.Tensor, token_weights: torch.Tensor, mix_lam: torch.Tensor, batch_size: int, num_patches: int
 ) -> None:
-    """Raise a clear error when the batch-contract tensors do not fit the batch.
-
-    Args:
-        mix_index: `(B,)` integer tensor, partner of each sample, values in `[0, B)`.
-        token_weights: `(B, num_patches)` float tensor in [0, 1], row-major over the patch grid.
-        mix_lam: `(B,)` float tensor in [0, 1].
-        batch_size: `B`, the number of images in `pixel_values`.
-        num_patches: patch tokens per image for the current image size.
-    """
     for name, value in zip(MIXING_ARGUMENTS, (mix_index, token_weights, mix_lam)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
     if mix_index.dtype.is_floating_point or mix_index.dtype == torch.bool or mix_index.is_complex():
         raise TypeError(f"`mix_index` must be an integer (long) tensor, got dtype {mix_index.dtype}.")
+    for name, value in (("token_weights", token_weights), ("mix_lam", mix_lam)):
+        if not torch.is_floating_point(value):
+            raise TypeError(f"`{name}` must be a floating-point tensor with values in [0, 1], got dtype {value.dtype}.")
     if tuple(mix_index.shape) != (batch_size,):
         raise ValueError(f"`mix_index` must have shape ({batch_size},) (one partner per image), got {tuple(mix_index.shape)}.")
-    if batch_size and not bool(((mix_index >= 0) & (mix_index < batch_size)).all()):
-        raise ValueError(
-            f"`mix_index` must index into the batch, i.e. hold values in [0, {batch_size}), got values in "
-            f"[{mix_index.min().item()}, {mix_index.max().item()}]."
-        )
     if tuple(token_weights.shape) != (batch_size, num_patches):
         raise ValueError(
             f"`token_weights` must have shape (batch_size, num_patches) = ({batch_size}, {num_patches}) for these "
@@ -67,8 +45,46 @@ def validate_mixing_inputs(
         )
     if tuple(mix_lam.shape) != (batch_size,):
         raise ValueError(f"`mix_lam` must have shape ({batch_size},) (one share per image), got {tuple(mix_lam.shape)}.")
-    _check_unit_interval("token_weights", token_weights)
-    _check_unit_interval("mix_lam", mix_lam)
+
+
+def _raise_for_values(mix_index: torch.Tensor, token_weights: torch.Tensor, mix_lam: torch.Tensor, batch_size: int):
+    """Name the first argument whose values are out of range (only called once a check has failed)."""
+    if not bool(((mix_index >= 0) & (mix_index < batch_size)).all()):
+        raise ValueError(
+            f"`mix_index` must index into the batch, i.e. hold values in [0, {batch_size}), got values in "
+            f"[{mix_index.min().item()}, {mix_index.max().item()}]."
+        )
+    for name, values in (("token_weights", token_weights), ("mix_lam", mix_lam)):
+        if not bool(((values >= 0) & (values <= 1)).all()):
+            low, high = values.min().item(), values.max().item()
+            raise ValueError(
+                f"`{name}` must hold shares in [0, 1], got values in [{low:.4g}, {high:.4g}]. Pass the share of each "
+                "sample's own pixels (TLAlignCollator produces it)."
+            )
+
+
+def validate_mixing_inputs(
+    mix_index: torch.Tensor, token_weights: torch.Tensor, mix_lam: torch.Tensor, batch_size: int, num_patches: int
+) -> None:
+    """Raise a clear error when the batch-contract tensors do not fit the batch.
+
+    Dtypes and shapes are checked on the host; the value ranges cost one device sync in all (training hot path).
+
+    Args:
+        mix_index: `(B,)` integer tensor, partner of each sample, values in `[0, B)`.
+        token_weights: `(B, num_patches)` float tensor in [0, 1], row-major over the patch grid.
+        mix_lam: `(B,)` float tensor in [0, 1].
+        batch_size: `B`, the number of images in `pixel_values`.
+        num_patches: patch tokens per image for the current image size.
+    """
+    _check_dtypes_and_shapes(mix_index, token_weights, mix_lam, batch_size, num_patches)
+    if batch_size == 0:
+        return
+    in_range = ((mix_index >= 0) & (mix_index < batch_size)).all()
+    in_range &= ((token_weights >= 0) & (token_weights <= 1)).all()
+    in_range &= ((mix_lam >= 0) & (mix_lam <= 1)).all()
+    if not bool(in_range):
+        _raise_for_values(mix_index, token_weights, mix_lam, batch_size)
 
 
 class TokenLayout(Protocol):
