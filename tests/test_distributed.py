@@ -15,19 +15,16 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from tl_align_hf import TLAlignCollator, load_image_dataset, to_tl_align, write_digits_imagefolder
+from tl_align_hf import TLAlignCollator, load_image_dataset, to_tl_align
 
 from .test_no_trainer import (
     EXAMPLES,
-    TINY_IMAGE_SIZE,
     load_example,
     no_trainer,
     run_arguments,
-    write_tiny_checkpoint,
 )
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, PATCH_SIZE, tiny_model
 
@@ -130,16 +127,6 @@ def accelerate_launch(script: Path, *args: str, cwd: Path) -> subprocess.Complet
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
     command += ["--num_processes", str(NUM_PROCESSES), "--mixed_precision", "no", "--dynamo_backend", "no"]
     return launch(command + ["--main_process_port", port, str(script), *args], cwd)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits", image_size=TINY_IMAGE_SIZE)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-vit")
 
 
 def saved_weights_digest(output_dir: Path) -> str:

@@ -21,26 +21,21 @@ from transformers import (
 )
 
 from tl_align_hf.data import default_image_processor
-from tl_align_hf.digits import write_digits_imagefolder
 
 from .hub_server import FAKE_TOKEN, FAKE_USER, HubServer, client_environment
+from .tiny_models import TINY_IMAGE_SIZE
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import run_image_classification as example  # noqa: E402
 
-IMAGE_SIZE = 16
+IMAGE_SIZE = TINY_IMAGE_SIZE  # the digits fixture of conftest.py
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> Path:
-    return write_digits_imagefolder(tmp_path_factory.mktemp("digits") / "folder", image_size=IMAGE_SIZE)
-
-
-def quick_args(digits_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+def quick_args(digits: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
-        "--train_dir", str(digits_dir / "train"),
-        "--validation_dir", str(digits_dir / "validation"),
+        "--train_dir", str(digits / "train"),
+        "--validation_dir", str(digits / "validation"),
         "--image_size", str(IMAGE_SIZE),
         "--output_dir", str(output_dir),
         "--do_train", "--do_eval",
@@ -59,9 +54,9 @@ def quick_args(digits_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_main_trains_and_saves_a_plain_transformers_checkpoint(digits_dir, tmp_path):
+def test_main_trains_and_saves_a_plain_transformers_checkpoint(digits, tmp_path):
     output_dir = tmp_path / "run"
-    metrics = example.main(quick_args(digits_dir, output_dir, "--mixing_method", "cutmix"))
+    metrics = example.main(quick_args(digits, output_dir, "--mixing_method", "cutmix"))
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_top5_accuracy" in metrics
     assert metrics["train_loss"] > 0
     model, info = ViTForImageClassification.from_pretrained(output_dir, output_loading_info=True)
@@ -76,14 +71,14 @@ def test_main_trains_and_saves_a_plain_transformers_checkpoint(digits_dir, tmp_p
     assert any("aligned_lam" in entry for entry in logged)
 
 
-def test_main_fine_tunes_a_pretrained_checkpoint_with_a_new_head(digits_dir, tmp_path):
+def test_main_fine_tunes_a_pretrained_checkpoint_with_a_new_head(digits, tmp_path):
     pretrained = tmp_path / "pretrained"
     config = ViTConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=64, num_labels=3)
     ViTForImageClassification(config).save_pretrained(pretrained)
     default_image_processor(IMAGE_SIZE).save_pretrained(pretrained)
     output_dir = tmp_path / "run"
-    args = quick_args(digits_dir, output_dir, "--model_name_or_path", str(pretrained), "--ignore_mismatched_sizes")
+    args = quick_args(digits, output_dir, "--model_name_or_path", str(pretrained), "--ignore_mismatched_sizes")
     metrics = example.main(args)
     assert "eval_accuracy" in metrics
     model = ViTForImageClassification.from_pretrained(output_dir)
@@ -123,18 +118,18 @@ def test_raises_error_when_no_or_two_data_sources_are_given(tmp_path):
         example.parse_args(["--use_digits", "--dataset_name", "beans", "--output_dir", str(tmp_path)])
 
 
-def test_raises_error_when_image_column_is_wrong(digits_dir, tmp_path):
+def test_raises_error_when_image_column_is_wrong(digits, tmp_path):
     with pytest.raises(ValueError, match=r"pixels.*(image|label)"):
-        example.main(quick_args(digits_dir, tmp_path / "run", "--image_column_name", "pixels"))
+        example.main(quick_args(digits, tmp_path / "run", "--image_column_name", "pixels"))
 
 
-def test_raises_error_when_model_family_is_unsupported(digits_dir, tmp_path):
+def test_raises_error_when_model_family_is_unsupported(digits, tmp_path):
     pretrained = tmp_path / "convnext"
     config = ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1], num_labels=10)
     ConvNextForImageClassification(config).save_pretrained(pretrained)
     default_image_processor(IMAGE_SIZE).save_pretrained(pretrained)
     with pytest.raises(ValueError, match=r"does not support ConvNextForImageClassification.*Supported"):
-        example.main(quick_args(digits_dir, tmp_path / "run", "--model_name_or_path", str(pretrained)))
+        example.main(quick_args(digits, tmp_path / "run", "--model_name_or_path", str(pretrained)))
 
 
 LOAD_FROM_HUB = textwrap.dedent(
@@ -161,7 +156,7 @@ def run_in_subprocess(command: list[str], env: dict, cwd: Path) -> str:
     return result.stdout
 
 
-def test_push_to_hub_publishes_a_checkpoint_that_plain_transformers_loads(digits_dir, tmp_path, monkeypatch):
+def test_push_to_hub_publishes_a_checkpoint_that_plain_transformers_loads(digits, tmp_path, monkeypatch):
     repo_id = f"{FAKE_USER}/digits-tl-align"
     with HubServer(max_lifetime_s=300) as server:
         env = dict(os.environ)
@@ -172,7 +167,7 @@ def test_push_to_hub_publishes_a_checkpoint_that_plain_transformers_loads(digits
                 env[key] = value
         env["PYTHONPATH"] = str(EXAMPLES.parent)
         output_dir = tmp_path / "run"
-        args = quick_args(digits_dir, output_dir, "--push_to_hub", "--hub_model_id", repo_id, "--hub_token", FAKE_TOKEN)
+        args = quick_args(digits, output_dir, "--push_to_hub", "--hub_model_id", repo_id, "--hub_token", FAKE_TOKEN)
         run_in_subprocess([sys.executable, str(EXAMPLES / "run_image_classification.py"), *args], env, tmp_path)
 
         files = set(server.hub.commits(repo_id)[0].files)

@@ -19,12 +19,9 @@ from huggingface_hub import HfApi
 from transformers import ViTForImageClassification
 
 from tests.hub_server import FAKE_TOKEN, FAKE_USER, HubServer, patch_client_in_process
-from tl_align_hf import TLAlignConfig, default_image_processor, write_digits_imagefolder
-
-from .tiny_models import tiny_model
+from tl_align_hf import TLAlignConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY_IMAGE_SIZE = 16
 # 20 training images, batches of 4, 2 micro-batches per step: 5 micro-batches and 3 steps per epoch (the last one
 # a single micro-batch), so 5 steps cross an epoch boundary; checkpoints at steps 2 and 4.
 RESUME_RUN = {
@@ -51,14 +48,6 @@ def load_example(name: str):
 no_trainer = load_example("run_image_classification_no_trainer")
 
 
-def write_tiny_checkpoint(folder: Path) -> Path:
-    """A tiny ViT for 16 px digits (10 labels, sharp attention) and its image processor, saved to `folder`."""
-    model = tiny_model(ViTForImageClassification, "eager", image_size=TINY_IMAGE_SIZE, num_hidden_layers=2)
-    model.save_pretrained(folder)
-    default_image_processor(TINY_IMAGE_SIZE).save_pretrained(folder)
-    return folder
-
-
 def run_arguments(digits: Path, checkpoint: Path, output_dir: Path, options: dict[str, str] | None = None) -> list:
     """Arguments of a short run of either example script on the tiny model; `options` override the defaults."""
     values = {
@@ -76,16 +65,6 @@ def run_arguments(digits: Path, checkpoint: Path, output_dir: Path, options: dic
         **(options or {}),
     }
     return [item for pair in values.items() for item in pair]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits", image_size=TINY_IMAGE_SIZE)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-vit")
 
 
 def train(digits: Path, checkpoint: Path, output_dir: Path, **options: str) -> dict:

@@ -7,10 +7,12 @@ import copy
 import torch
 from transformers import DeiTConfig, ViTConfig
 
+from tl_align_hf.data import default_image_processor
 from tl_align_hf.modeling import ALIGNED_CLASSES
 
 IMAGE_SIZE, PATCH_SIZE, NUM_LABELS = 24, 4, 10
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+TINY_IMAGE_SIZE = 16  # the digits image folders of the example-script tests
 
 FAMILIES = {
     "vit": (ViTConfig, 1),
@@ -80,3 +82,13 @@ def mixed_batch(kind: str, batch_size: int = 4, num_patches: int = NUM_PATCHES, 
         raise ValueError(kind)
     mix_lam = token_weights.mean(dim=1)
     return dict(pixel_values=pixel_values, labels=labels, mix_index=mix_index, token_weights=token_weights, mix_lam=mix_lam)
+
+
+def write_tiny_checkpoint(folder):
+    """A tiny ViT for 16 px digits (10 labels, sharp attention) and its image processor, saved to `folder`."""
+    from transformers import ViTForImageClassification
+
+    model = tiny_model(ViTForImageClassification, "eager", image_size=TINY_IMAGE_SIZE, num_hidden_layers=2)
+    model.save_pretrained(folder)
+    default_image_processor(TINY_IMAGE_SIZE).save_pretrained(folder)
+    return folder
