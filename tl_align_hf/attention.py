@@ -57,10 +57,16 @@ def routed_attention_implementation(base_implementation: str) -> str:
 
 def model_eager_attention(module: torch.nn.Module) -> Callable:
     """The ``eager_attention_forward`` of the modeling file that defines ``module``'s class."""
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return _eager_attention_of_class(type(module))
+
+
+@functools.cache
+def _eager_attention_of_class(module_class: type) -> Callable:
+    """Looked up once per attention class, not once per block and step."""
+    eager = getattr(sys.modules.get(module_class.__module__), "eager_attention_forward", None)
     if eager is None:
         raise TypeError(
-            f"{type(module).__name__} has no `eager_attention_forward` in {type(module).__module__}; "
+            f"{module_class.__name__} has no `eager_attention_forward` in {module_class.__module__}; "
             "tl_align_hf supports attention modules that follow transformers' attention interface."
         )
     return eager
