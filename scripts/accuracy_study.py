@@ -46,7 +46,8 @@ from PIL import Image
 from scipy import stats
 from transformers import ViTConfig, ViTForImageClassification
 
-from tl_align_hf import TLAlignConfig, TLAlignTrainer, default_image_processor, make_transforms
+from tl_align_hf import TLAlignConfig, TLAlignTrainer
+from tl_align_hf.data import default_image_processor, make_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SIZE = 0.25  # fixed stratified split: 1,347 train / 450 test images

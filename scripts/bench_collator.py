@@ -16,20 +16,20 @@ from collections.abc import Callable
 
 import torch
 
-from tl_align_hf import TLAlignCollator
+from tl_align_hf import MixingSettings, TLAlignCollator, TLAlignMixer
 
 CASES = [
-    ("none", "batch", {"method": "none"}),
-    ("cutmix", "batch", {"method": "cutmix"}),
-    ("token_cutmix", "batch", {"method": "token_cutmix"}),
-    ("token_mix", "batch", {"method": "token_mix"}),
-    ("mixup", "batch", {"method": "mixup", "mixup_alpha": 0.8}),
-    ("cutmix + mixup (switch_prob 0.5)", "batch", {"method": "cutmix", "mixup_alpha": 0.8}),
-    ("cutmix", "pair", {"method": "cutmix"}),
-    ("mixup", "pair", {"method": "mixup", "mixup_alpha": 0.8}),
-    ("cutmix", "elem", {"method": "cutmix"}),
-    ("token_mix", "elem", {"method": "token_mix"}),
-    ("mixup", "elem", {"method": "mixup", "mixup_alpha": 0.8}),
+    ("none", "batch", {"mixing_method": "none"}),
+    ("cutmix", "batch", {"mixing_method": "cutmix"}),
+    ("token_cutmix", "batch", {"mixing_method": "token_cutmix"}),
+    ("token_mix", "batch", {"mixing_method": "token_mix"}),
+    ("mixup", "batch", {"mixing_method": "mixup", "mixup_alpha": 0.8}),
+    ("cutmix + mixup (switch_prob 0.5)", "batch", {"mixing_method": "cutmix", "mixup_alpha": 0.8}),
+    ("cutmix", "pair", {"mixing_method": "cutmix"}),
+    ("mixup", "pair", {"mixing_method": "mixup", "mixup_alpha": 0.8}),
+    ("cutmix", "elem", {"mixing_method": "cutmix"}),
+    ("token_mix", "elem", {"mixing_method": "token_mix"}),
+    ("mixup", "elem", {"mixing_method": "mixup", "mixup_alpha": 0.8}),
 ]
 
 
@@ -80,7 +80,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     ]
     functions = {"plain stacking": plain_collate}
     for method, mode, kwargs in CASES:
-        collator = TLAlignCollator(mode=mode, patch_size=args.patch_size, num_labels=1000, seed=0, **kwargs)
+        mixer = TLAlignMixer(MixingSettings(mix_mode=mode, **kwargs), args.patch_size)
+        collator = TLAlignCollator(mixer, num_labels=1000, seed=0)
         functions[f"{method} | {mode}"] = collator
     seconds = time_interleaved(functions, examples, args.warmup, args.repeats)
     baseline = statistics.median(seconds["plain stacking"])

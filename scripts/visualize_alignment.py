@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from tl_align_hf import TLAlignCollator, TokenLabelAligner, load_image_dataset, make_transforms, to_tl_align
-from tl_align_hf.data import processor_image_size
+from tl_align_hf import TLAlignCollator, TokenLabelAligner, to_tl_align
+from tl_align_hf.data import load_image_dataset, make_transforms, processor_image_size
 from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def validation_examples(image_processor, image_size: int) -> list[dict]:
 
 def cutmix_batch(model: torch.nn.Module, examples: list[dict], seed: int) -> dict[str, torch.Tensor]:
     """All `examples` mixed with CutMix (pixel box, alpha 1), one box and a random partner per image."""
-    collator = TLAlignCollator.from_model(model, method="cutmix", cutmix_alpha=1.0, mode="elem", seed=seed)
+    collator = TLAlignCollator.from_model(model, mixing_method="cutmix", cutmix_alpha=1.0, mix_mode="elem", seed=seed)
     return collator(examples)
 
 

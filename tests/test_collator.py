@@ -1,4 +1,4 @@
-"""Tests of TLAlignCollator: the batch contract checked against the mixed pixels, randomness, and bad input.
+"""Tests of TLAlignMixer and TLAlignCollator: the batch contract checked against the mixed pixels, randomness, bad input.
 
 Images are built so that each pixel names its source: pixel (h, w) of sample i holds `i * H * W + h * W + w` in every
 channel. A cut-style mix copies whole pixels, so `value // (H * W)` is the sample a pixel came from and
@@ -6,7 +6,7 @@ channel. A cut-style mix copies whole pixels, so `value // (H * W)` is the sampl
 """
 
 import doctest
-import json
+import logging
 import math
 import pickle
 import types
@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import ViTConfig
 
 import tl_align_hf.collator
-from tl_align_hf import TLAlignCollator
+import tl_align_hf.mixer
+from tl_align_hf import MixingSettings, TLAlignCollator, TLAlignMixer, mixing_generator
 
 HEIGHT, WIDTH, PATCH = 12, 20, 4
 NUM_TOKENS = (HEIGHT // PATCH) * (WIDTH // PATCH)
@@ -39,11 +40,22 @@ def _examples(batch_size: int, height: int = HEIGHT, width: int = WIDTH) -> list
 
 
 def _collator(method: str = "cutmix", **kwargs) -> TLAlignCollator:
+    """A collator from flat keywords: mixing settings, mixer arguments and collator arguments."""
     if method == "mixup":
         kwargs.setdefault("mixup_alpha", 1.0)
-    kwargs.setdefault("patch_size", PATCH)
-    kwargs.setdefault("seed", 0)
-    return TLAlignCollator(method=method, **kwargs)
+    mixer_kwargs = {name: kwargs.pop(name) for name in ("image_size", "pairing") if name in kwargs}
+    patch_size = kwargs.pop("patch_size", PATCH)
+    collator_kwargs = {name: kwargs.pop(name) for name in ("num_labels", "seed", "rank") if name in kwargs}
+    collator_kwargs.setdefault("seed", 0)
+    mixer = TLAlignMixer(MixingSettings(mixing_method=method, **kwargs), patch_size, **mixer_kwargs)
+    return TLAlignCollator(mixer, **collator_kwargs)
+
+
+def _draws(collator: TLAlignCollator, examples: list[dict], count: int):
+    """`count` batches of the same examples, each in a new epoch (the draws are a function of epoch and content)."""
+    for epoch in range(count):
+        collator.set_epoch(epoch)
+        yield collator(examples)
 
 
 def _sources(pixels: torch.Tensor) -> torch.Tensor:
@@ -83,10 +95,9 @@ def _check_contract(batch: dict, examples: list[dict], num_tokens: int = NUM_TOK
 @pytest.mark.parametrize("method", CUT_METHODS)
 @pytest.mark.parametrize("batch_size", [2, 5, 8])
 def test_cut_methods_token_weights_match_the_mixed_pixels(method, mode, batch_size):
-    collator = _collator(method, mode=mode)
+    collator = _collator(method, mix_mode=mode)
     examples = _examples(batch_size)
-    for _ in range(6):
-        batch = collator(examples)
+    for batch in _draws(collator, examples, 6):
         _check_contract(batch, examples)
         sources = _sources(batch["pixel_values"])
         own = sources == torch.arange(batch_size).view(-1, 1, 1)
@@ -97,26 +108,24 @@ def test_cut_methods_token_weights_match_the_mixed_pixels(method, mode, batch_si
 
 
 def test_cutmix_shares_are_fractional_at_box_edges():
-    collator = _collator("cutmix", mode="elem", patch_size=4)
-    token_weights = torch.cat([collator(_examples(8))["token_weights"] for _ in range(5)])
+    collator = _collator("cutmix", mix_mode="elem", patch_size=4)
+    token_weights = torch.cat([batch["token_weights"] for batch in _draws(collator, _examples(8), 5)])
     assert ((token_weights > 0) & (token_weights < 1)).any()
 
 
 def test_batch_mode_uses_one_box_for_the_whole_batch():
-    collator = _collator("cutmix", mode="batch")
-    for _ in range(5):
-        batch = collator(_examples(6))
+    collator = _collator("cutmix", mix_mode="batch")
+    for batch in _draws(collator, _examples(6), 5):
         pasted = _sources(batch["pixel_values"]) != torch.arange(6).view(-1, 1, 1)
         assert (pasted == pasted[:1]).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mixup_blends_pixels_with_the_partner_by_mix_lam(mode):
-    collator = _collator("mixup", mode=mode)
+    collator = _collator("mixup", mix_mode=mode)
     examples = _examples(5)
     stacked = torch.stack([example["pixel_values"] for example in examples])
-    for _ in range(4):
-        batch = collator(examples)
+    for batch in _draws(collator, examples, 4):
         _check_contract(batch, examples)
         lam = batch["mix_lam"].view(-1, 1, 1, 1)
         expected = lam * stacked + (1 - lam) * stacked[batch["mix_index"]]
@@ -127,12 +136,11 @@ def test_mixup_blends_pixels_with_the_partner_by_mix_lam(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cutmix_switches_to_mixup_with_switch_prob(mode):
-    collator = _collator("token_mix", mixup_alpha=1.0, switch_prob=0.3, mode=mode)
+    collator = _collator("token_mix", mixup_alpha=1.0, switch_prob=0.3, mix_mode=mode)
     examples = _examples(4)
     stacked = torch.stack([example["pixel_values"] for example in examples])
     cut_count = total = 0
-    for _ in range(150):
-        batch = collator(examples)
+    for batch in _draws(collator, examples, 150):
         _check_contract(batch, examples)
         pixels, lam = batch["pixel_values"], batch["mix_lam"]
         is_cut = (pixels == pixels.round()).flatten(1).all(1)
@@ -153,12 +161,11 @@ def _assert_binomial(successes: int, trials: int, p: float) -> None:
 
 @pytest.mark.parametrize("prob", [0.0, 0.3, 0.8])
 def test_prob_leaves_batches_unmixed_at_the_right_rate(prob):
-    collator = _collator("mixup", prob=prob)
+    collator = _collator("mixup", mix_prob=prob)
     examples = _examples(4)
     stacked = torch.stack([example["pixel_values"] for example in examples])
     mixed_batches = 0
-    for _ in range(300):
-        batch = collator(examples)
+    for batch in _draws(collator, examples, 300):
         mixed = (batch["mix_lam"] < 1).all()
         if not mixed:
             assert torch.equal(batch["pixel_values"], stacked)
@@ -171,11 +178,10 @@ def test_prob_leaves_batches_unmixed_at_the_right_rate(prob):
 
 @pytest.mark.parametrize("mode", ["pair", "elem"])
 def test_prob_leaves_samples_unmixed_at_the_right_rate_per_element(mode):
-    collator = _collator("cutmix", cutmix_minmax=(0.3, 0.6), prob=0.4, mode=mode)
+    collator = _collator("cutmix", cutmix_minmax=(0.3, 0.6), mix_prob=0.4, mix_mode=mode)
     examples = _examples(6)
     mixed_samples = 0
-    for _ in range(150):
-        batch = collator(examples)
+    for batch in _draws(collator, examples, 150):
         _check_contract(batch, examples)
         mixed = batch["mix_lam"] < 1
         unmixed_sources = _sources(batch["pixel_values"][~mixed])
@@ -188,7 +194,7 @@ def test_prob_leaves_samples_unmixed_at_the_right_rate_per_element(mode):
 
 
 def test_pair_mode_mixes_mutual_pairs_with_one_draw():
-    collator = _collator("cutmix", mode="pair")
+    collator = _collator("cutmix", mix_mode="pair")
     for batch_size in (6, 7):
         batch = collator(_examples(batch_size))
         mix_index, mix_lam = batch["mix_index"], batch["mix_lam"]
@@ -224,17 +230,16 @@ def test_method_none_stacks_without_mixing():
 
 def test_non_square_images_and_patches_are_supported():
     examples = _examples(4, height=8, width=18)
-    collator = _collator("cutmix", patch_size=(4, 6), image_size=(8, 18), mode="elem")
-    for _ in range(4):
-        batch = collator(examples)
+    collator = _collator("cutmix", patch_size=(4, 6), image_size=(8, 18), mix_mode="elem")
+    for batch in _draws(collator, examples, 4):
         _check_contract(batch, examples, num_tokens=6)
         expected = _own_share_per_patch(_sources(batch["pixel_values"]), patch_size=(4, 6))
         torch.testing.assert_close(batch["token_weights"], expected, rtol=0, atol=1e-6)
 
 
 def test_correct_lam_false_keeps_the_drawn_lam_for_cutmix():
-    collator = _collator("cutmix", correct_lam=False, mode="elem")
-    batches = [collator(_examples(8)) for _ in range(5)]
+    collator = _collator("cutmix", correct_lam=False, mix_mode="elem")
+    batches = list(_draws(collator, _examples(8), 5))
     differences = torch.cat([batch["mix_lam"] - batch["token_weights"].mean(1) for batch in batches])
     assert differences.abs().max() > 1e-3
     for batch in batches:  # token_weights stay exact
@@ -242,9 +247,9 @@ def test_correct_lam_false_keeps_the_drawn_lam_for_cutmix():
 
 
 def test_cutmix_minmax_bounds_the_box_sides():
-    collator = _collator("cutmix", cutmix_minmax=(0.25, 0.5), mode="elem", image_size=(HEIGHT, WIDTH))
-    for _ in range(5):
-        pasted = _sources(collator(_examples(6))["pixel_values"]) != torch.arange(6).view(-1, 1, 1)
+    collator = _collator("cutmix", cutmix_minmax=(0.25, 0.5), mix_mode="elem", image_size=(HEIGHT, WIDTH))
+    for batch in _draws(collator, _examples(6), 5):
+        pasted = _sources(batch["pixel_values"]) != torch.arange(6).view(-1, 1, 1)
         heights, widths = pasted.any(2).sum(1), pasted.any(1).sum(1)
         assert ((heights >= 3) & (heights < 6) & (widths >= 5) & (widths < 10)).all()
 
@@ -264,10 +269,29 @@ def test_accepts_numpy_arrays_labels_key_and_tensor_labels():
 def test_same_seed_gives_the_same_batches_and_other_seeds_differ():
     examples = _examples(6)
     first, second, other = _collator(seed=1), _collator(seed=1), _collator(seed=2)
-    batches = [[collator(examples) for _ in range(3)] for collator in (first, second, other)]
+    batches = [list(_draws(collator, examples, 3)) for collator in (first, second, other)]
     for a, b in zip(batches[0], batches[1]):
         assert all(torch.equal(a[key], b[key]) for key in a)
     assert any(not torch.equal(a["token_weights"], c["token_weights"]) for a, c in zip(batches[0], batches[2]))
+
+
+def test_draws_are_a_function_of_seed_rank_epoch_and_content():
+    """No state: calling again, from a fresh or pickled copy, gives the same batch; any of the four changes it."""
+    collator = _collator("cutmix", mixup_alpha=0.5, mix_mode="elem", seed=3)
+    examples = _examples(6)
+    first = collator(examples)
+    for same in (collator(examples), _collator("cutmix", mixup_alpha=0.5, mix_mode="elem", seed=3)(examples),
+                 pickle.loads(pickle.dumps(collator))(examples)):
+        assert all(torch.equal(first[key], same[key]) for key in first)
+    other_content = _examples(6)
+    other_content[0]["label"] = 9
+    changed = [_collator("cutmix", mixup_alpha=0.5, mix_mode="elem", seed=4)(examples),
+               _collator("cutmix", mixup_alpha=0.5, mix_mode="elem", seed=3, rank=1)(examples),
+               collator(other_content)]
+    collator.set_epoch(1)
+    changed.append(collator(examples))
+    for batch in changed:
+        assert not torch.equal(batch["token_weights"], first["token_weights"])
 
 
 def test_seed_none_follows_torch_manual_seed():
@@ -287,127 +311,143 @@ def test_ranks_draw_different_streams(monkeypatch):
     assert torch.equal(from_env["token_weights"], rank1["token_weights"])
 
 
-class _RepeatingDataset(Dataset):
-    """16 examples where example k looks like example k % 4, so every batch of 4 has the same content."""
+class _NumberedDataset(Dataset):
+    """16 different 8x8 examples."""
 
     def __len__(self) -> int:
         return 16
 
     def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": _image(index % 4, 8, 8), "label": index % 4}
+        return {"pixel_values": _image(index, 8, 8), "label": index % 4}
 
 
-def _epoch(loader: DataLoader) -> list[torch.Tensor]:
+def _epoch(loader: DataLoader, epoch: int) -> list[torch.Tensor]:
+    loader.collate_fn.set_epoch(epoch)
     return [torch.cat([batch["token_weights"].flatten(), batch["mix_index"].float()]) for batch in loader]
 
 
-def test_dataloader_workers_and_epochs_draw_different_streams():
-    collator = _collator("cutmix", patch_size=2, seed=0)
-    loader = DataLoader(_RepeatingDataset(), batch_size=4, num_workers=2, collate_fn=collator)
-    torch.manual_seed(0)
-    first_epoch = _epoch(loader)
-    assert not torch.equal(first_epoch[0], first_epoch[1]), "workers 0 and 1 repeat each other"
-    second_epoch = _epoch(loader)
-    assert not torch.equal(first_epoch[0], second_epoch[0]), "the second epoch repeats the first"
-    torch.manual_seed(0)
-    assert all(torch.equal(a, b) for a, b in zip(first_epoch, _epoch(loader))), "not reproducible"
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_dataloader_workers_draw_what_the_main_process_draws(num_workers):
+    collator = _collator("cutmix", patch_size=2, seed=0, mix_mode="elem")
+    in_process = DataLoader(_NumberedDataset(), batch_size=4, collate_fn=collator)
+    in_workers = DataLoader(_NumberedDataset(), batch_size=4, num_workers=num_workers, collate_fn=collator)
+    first_epoch = _epoch(in_process, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first_epoch, _epoch(in_workers, 0)))
+    assert len({tuple(batch.tolist()) for batch in first_epoch}) == 4, "batches repeat each other"
+    second_epoch = _epoch(in_workers, 1)
+    assert all(not torch.equal(a, b) for a, b in zip(first_epoch, second_epoch)), "the second epoch repeats the first"
 
 
-def test_state_dict_restores_the_stream():
-    examples = _examples(6)
-    collator = _collator("cutmix", mixup_alpha=0.5, mode="elem")
-    for _ in range(3):
-        collator(examples)
-    state = collator.state_dict()
-    expected = [collator(examples) for _ in range(3)]
-    resumed = _collator("cutmix", mixup_alpha=0.5, mode="elem", seed=99)
-    resumed.load_state_dict(state)
-    for a, b in zip(expected, [resumed(examples) for _ in range(3)]):
-        assert all(torch.equal(a[key], b[key]) for key in a)
-
-
-def test_state_dict_survives_json_and_rewinds_to_num_calls():
-    examples = _examples(6)
-    collator = _collator("token_cutmix", mode="elem")
-    batches = [collator(examples) for _ in range(5)]
-    state = json.loads(json.dumps(collator.state_dict(num_calls=3)))  # a loader fetched two batches ahead
-    assert state["num_calls"] == 3
-    resumed = _collator("token_cutmix", mode="elem")
-    resumed.load_state_dict(state)
-    for expected in batches[3:]:
-        batch = resumed(examples)
-        assert all(torch.equal(batch[key], expected[key]) for key in batch)
-    assert resumed.state_dict(num_calls=5) == collator.state_dict()
-
-
-def test_raises_error_when_num_calls_is_older_than_the_history():
-    collator = _collator()
-    for _ in range(20):
-        collator(_examples(2))
-    with pytest.raises(ValueError, match="num_calls=2 is not among the last 16 calls"):
-        collator.state_dict(num_calls=2)
-
-
-def test_collate_unmixed_stacks_without_drawing_random_numbers():
+def test_collate_unmixed_stacks_without_mixing():
     collator = _collator("cutmix", num_labels=10)
     examples = _examples(4)
-    state = collator.state_dict()
     batch = collator.collate_unmixed(examples)
     assert list(batch) == ["pixel_values", "labels"]
     assert torch.equal(batch["pixel_values"], torch.stack([example["pixel_values"] for example in examples]))
     assert batch["labels"].tolist() == [example["label"] for example in examples]
     unlabelled = collator.collate_unmixed([{"pixel_values": _image(0)}, {"pixel_values": _image(1)}])
     assert list(unlabelled) == ["pixel_values"]
-    assert collator.state_dict() == state
 
 
-def test_pickled_collator_continues_the_same_sequence():
-    examples = _examples(6)
-    collator = _collator("token_mix")
-    collator(examples)
-    copy = pickle.loads(pickle.dumps(collator))
-    assert copy == collator
-    a, b = collator(examples), copy(examples)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+def test_label_column_name_picks_the_label_key():
+    examples = [{"pixel_values": _image(i), "label": 0, "fine_label": i + 3} for i in range(3)]
+    batch = _collator(num_labels=10)(examples)
+    assert batch["labels"].tolist() == [0, 0, 0]
+    collator = TLAlignCollator(_collator().mixer, num_labels=10, seed=0, label_column_name="fine_label")
+    assert collator(examples)["labels"].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match=r"example 0 has no 'coarse' key"):
+        TLAlignCollator(_collator().mixer, label_column_name="coarse")(examples)
+
+
+def test_mixer_mixes_a_stacked_batch_in_place_in_any_float_dtype():
+    mixer = TLAlignMixer(MixingSettings(mixing_method="cutmix"), PATCH)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        pixel_values = torch.stack([_image(i) for i in range(5)]).to(dtype)
+        batch = mixer(pixel_values, mixing_generator(0, 1))
+        assert batch["pixel_values"] is pixel_values and pixel_values.dtype == dtype
+        assert batch["token_weights"].dtype == torch.float32 and batch["mix_index"].dtype == torch.int64
+        if dtype == torch.float32:
+            expected = _own_share_per_patch(_sources(pixel_values))
+            torch.testing.assert_close(batch["token_weights"], expected, rtol=0, atol=1e-6)
+
+
+def test_mixing_generator_is_a_pure_function_of_its_integers():
+    draw = lambda *keys: torch.rand(4, generator=mixing_generator(*keys)).tolist()  # noqa: E731
+    assert draw(0, 1, 2) == draw(0, 1, 2)
+    assert len({tuple(draw(*keys)) for keys in [(0, 1, 2), (0, 2, 1), (1, 1, 2), (0, 1), (0, 1, 3)]}) == 5
+    with pytest.raises(ValueError, match="non-negative integers"):
+        mixing_generator(0, -1)
+
+
+def test_raises_error_when_mixer_gets_wrong_input():
+    mixer = TLAlignMixer(MixingSettings(), PATCH)
+    with pytest.raises(TypeError, match=r"float tensor of shape \(B, C, H, W\)"):
+        mixer(torch.zeros(3, 12, 20), mixing_generator(0))
+    with pytest.raises(TypeError, match="must be a CPU torch.Generator"):
+        mixer(torch.zeros(2, 3, 12, 20), 0)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        mixer(torch.zeros(2, 3, 12, 18), mixing_generator(0))
+    with pytest.raises(TypeError, match="must be a MixingSettings"):
+        TLAlignMixer({"mixing_method": "cutmix"})
+
+
+def test_batch_of_one_warns_once_that_mixing_needs_two_images(caplog):
+    import transformers
+
+    logging.Logger.warning_once.cache_clear()  # transformers' warning_once remembers the messages of the process
+    transformers.utils.logging.enable_propagation()
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()  # other tests may have silenced transformers' loggers
+    collator = _collator("cutmix")
+    try:
+        with caplog.at_level("WARNING", logger="tl_align_hf"):
+            collator(_examples(1))
+            collator(_examples(1))
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    assert sum("mixing needs at least two images" in record.message for record in caplog.records) == 1
 
 
 def test_from_model_reads_patch_size_image_size_and_num_labels():
     config = ViTConfig(image_size=[16, 24], patch_size=4, num_labels=5)
-    collator = TLAlignCollator.from_model(types.SimpleNamespace(config=config), method="mixup", mixup_alpha=0.8)
-    assert (collator.patch_size, collator.image_size, collator.num_labels) == ((4, 4), (16, 24), 5)
-    assert TLAlignCollator.from_model(config, image_size=None).image_size is None
+    collator = TLAlignCollator.from_model(types.SimpleNamespace(config=config), mixing_method="mixup", mixup_alpha=0.8)
+    assert (collator.mixer.patch_size, collator.mixer.image_size, collator.num_labels) == ((4, 4), (16, 24), 5)
+    assert collator.mixer.settings.mixing_method == "mixup"
+    assert TLAlignCollator.from_model(config, image_size=None).mixer.image_size is None
     batch = collator([{"pixel_values": torch.rand(3, 16, 24), "label": i} for i in range(3)])
     assert batch["token_weights"].shape == (3, 24)
 
 
-def test_docstring_example_runs():
-    results = doctest.testmod(tl_align_hf.collator)
+@pytest.mark.parametrize("module", [tl_align_hf.collator, tl_align_hf.mixer])
+def test_docstring_example_runs(module):
+    results = doctest.testmod(module)
     assert results.attempted > 0 and results.failed == 0
 
 
 BAD_ARGUMENTS = [
-    ({"method": "cutout"}, "method='cutout' is not supported"),
-    ({"mode": "sample"}, "mode='sample' is not supported"),
-    ({"pairing": "roll"}, "pairing='roll' is not supported"),
-    ({"cutmix_alpha": -1.0}, "cutmix_alpha must be a number >= 0"),
-    ({"mixup_alpha": float("nan")}, "mixup_alpha must be a number"),
-    ({"prob": 1.5}, r"prob must be a number in \[0.0, 1.0\]"),
-    ({"switch_prob": -0.1}, "switch_prob must be a number"),
-    ({"cutmix_minmax": (0.8, 0.2)}, "cutmix_minmax must be"),
-    ({"method": "token_mix", "cutmix_minmax": (0.2, 0.8)}, "cutmix_minmax is used by"),
-    ({"cutmix_alpha": 0.0}, "needs cutmix_alpha > 0"),
-    ({"method": "mixup", "mixup_alpha": 0.0}, "needs mixup_alpha > 0"),
-    ({"patch_size": 0}, "patch_size must be a positive int"),
+    ({"mixing_method": "cutout"}, r"`mixing_method` \(--mixing_method\) must be one of"),
+    ({"mix_mode": "sample"}, r"`mix_mode` \(--mix_mode\) must be one of"),
+    ({"pairing": "roll"}, "`pairing` must be one of permutation, flip"),
+    ({"cutmix_alpha": -1.0}, r"`cutmix_alpha` \(--cutmix_alpha\) must be a number >= 0"),
+    ({"mixup_alpha": float("nan")}, "`mixup_alpha` .* must be a number"),
+    ({"mix_prob": 1.5}, r"`mix_prob` \(--mix_prob\) must be a number in \[0.0, 1.0\]"),
+    ({"switch_prob": -0.1}, "`switch_prob` .* must be a number"),
+    ({"cutmix_minmax": (0.8, 0.2)}, "`cutmix_minmax` .* must be"),
+    ({"mixing_method": "token_mix", "cutmix_minmax": (0.2, 0.8)}, "`cutmix_minmax` is used by"),
+    ({"cutmix_alpha": 0.0}, "needs `cutmix_alpha` > 0"),
+    ({"mixing_method": "mixup", "mixup_alpha": 0.0}, "needs `mixup_alpha` > 0"),
+    ({"patch_size": 0}, "`patch_size` must be a positive int"),
     ({"image_size": (12, 18)}, "image_size 12x18 is not divisible by patch_size"),
-    ({"num_labels": 0}, "num_labels must be None or an int >= 1"),
-    ({"seed": -1}, "seed must be None or an int >= 0"),
+    ({"num_labels": 0}, "`num_labels` must be None or an int >= 1"),
+    ({"seed": -1}, "`seed` must be None or an int >= 0"),
 ]
 
 
 @pytest.mark.parametrize("kwargs, message", BAD_ARGUMENTS)
 def test_raises_error_when_arguments_are_invalid(kwargs, message):
+    method = kwargs.pop("mixing_method", "cutmix")
     with pytest.raises(ValueError, match=message):
-        _collator(**{"method": "cutmix", **kwargs})
+        _collator(method, **kwargs)
 
 
 def test_raises_error_when_pixel_values_are_missing():
@@ -418,7 +458,7 @@ def test_raises_error_when_pixel_values_are_missing():
 
 
 def test_raises_error_when_label_is_missing():
-    with pytest.raises(ValueError, match=r"no 'label' or 'labels' key \(keys present: \['pixel_values'\]\)"):
+    with pytest.raises(ValueError, match=r"no 'labels' or 'label' key \(keys present: \['pixel_values'\]\)"):
         _collator()([{"pixel_values": _image(0)}])
 
 

@@ -1,4 +1,4 @@
-"""The shared data pipeline: digits imagefolder, loading, checks, label maps, transforms, eval collate."""
+"""The example scripts' data pipeline: digits imagefolder, loading, checks, label maps, PIL modes, transforms."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, BitImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
 from tl_align_hf.data import (
     check_columns,
     default_image_processor,
-    eval_collate,
     label_maps,
     load_image_dataset,
     make_transforms,
@@ -248,13 +247,22 @@ def test_transform_normalises_with_processor_mean_and_std(which):
     torch.testing.assert_close(pixels, expected.reshape(3, 1, 1).expand(3, 12, 12), atol=1e-5, rtol=0)
 
 
+def _sixteen_bit_gradient(size=(20, 12)) -> Image.Image:
+    """A 16-bit greyscale image (`I;16`) spanning 0..65535, as a 16-bit PNG decodes."""
+    values = np.linspace(0, 65535, size[0] * size[1]).reshape(size[1], size[0]).astype(np.uint16)
+    return Image.fromarray(values)
+
+
 @pytest.mark.parametrize(
     "image, rgb",
     [(_constant_image("L", 128), (128, 128, 128)),
      (_constant_image("RGBA", (255, 0, 0, 0)), (255, 255, 255)),  # transparent -> white background
      (_constant_image("RGBA", (255, 0, 0, 255)), (255, 0, 0)),
      (_constant_image("P", 3), None),
-     (_constant_image("LA", (10, 255)), (10, 10, 10))],
+     (_constant_image("LA", (10, 255)), (10, 10, 10)),
+     (_constant_image("I;16", 32896), (128, 128, 128)),  # 16-bit: 32896 / 257 = 128, not clipped to 255
+     (_constant_image("I", 40), (40, 40, 40)),  # 32-bit integer holding 8-bit values
+     (_constant_image("F", 0.5), (128, 128, 128))],  # float in [0, 1]
 )  # fmt: skip
 def test_transforms_turn_any_mode_into_three_channels(image, rgb):
     assert to_rgb(image).mode == "RGB"
@@ -263,6 +271,16 @@ def test_transforms_turn_any_mode_into_three_channels(image, rgb):
     train, evaluation = make_transforms(default_image_processor(8), "img", "y")
     for transform in (train, evaluation):
         assert transform({"img": [image], "y": [0]})["pixel_values"][0].shape == (3, 8, 8)
+
+
+def test_sixteen_bit_images_keep_their_range():
+    """A full-range 16-bit gradient spans [-1, 1] after normalisation (PIL's own conversion saturates 97%% at +1)."""
+    _, evaluation = make_transforms(default_image_processor(12), "img", "y")
+    pixels = evaluation({"img": [_sixteen_bit_gradient()]})["pixel_values"][0]
+    assert pixels.min() < -0.9 and pixels.max() > 0.9
+    assert (pixels > 0.99).float().mean() < 0.1
+    saturated = evaluation({"img": [_sixteen_bit_gradient().convert("RGB")]})["pixel_values"][0]
+    assert (saturated > 0.99).float().mean() > 0.9  # what the conversion fixes
 
 
 def _noise_images(count: int, size=(20, 14)) -> list[Image.Image]:
@@ -283,76 +301,92 @@ def test_train_transform_is_reproducible_per_seed_and_epoch():
     reference = _pixels(first, images)
     assert torch.equal(reference, _pixels(same, images))
     assert not torch.equal(reference, _pixels(other_seed, images))
-    # Independent of batch order and batch size: what a resume or another worker count sees.
+    # Independent of batch order, batch size and the global generator: what a resume or another worker count sees.
+    torch.manual_seed(123)
     assert torch.equal(reference[[3, 1]], _pixels(same, [images[3], images[1]]))
     same.set_epoch(1)
     assert not torch.equal(reference, _pixels(same, images))  # a fresh crop every epoch
 
 
-def test_set_train_epoch_reaches_the_attached_transform(caplog):
+def test_train_transform_leaves_the_global_generator_alone():
+    train, _ = make_transforms(default_image_processor(10), "img", "y")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _pixels(train, _noise_images(2))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_set_train_epoch_reaches_the_attached_transform():
     dataset = _tiny_dataset()
     train, evaluation = make_transforms(default_image_processor(4), "img", "y")
     assert set_train_epoch(dataset.with_transform(evaluation), 1) is False
-    train_dataset = dataset.with_transform(train)
-    with caplog.at_level("WARNING", logger="tl_align_hf.data"):
-        _ = train_dataset[0], train_dataset[0]
-    assert "call set_train_epoch" in caplog.text  # the same crop twice without an epoch
-    assert set_train_epoch(train_dataset, 3) is True and train.epoch == 3
+    assert set_train_epoch(dataset.with_transform(train), 3) is True and train.epoch == 3
 
 
 def test_horizontal_flip_can_be_turned_off():
     image = Image.fromarray(np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1)))  # bright to the right
-    train, _ = make_transforms(
-        default_image_processor(16), "img", "y", horizontal_flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0)
-    )
+    train, _ = make_transforms(default_image_processor(16), "img", "y", horizontal_flip=False, scale=(1.0, 1.0))
     for epoch in range(8):
         train.set_epoch(epoch)
         row = train({"img": [image]})["pixel_values"][0][0, 0]
         assert row[-1] > row[0]
 
 
-def test_eval_transform_is_deterministic_and_centre_crops():
-    processor = default_image_processor(8)
+PROCESSORS = {  # the processors of ViT, DeiT (resize 256 + centre crop 224), Swin (ViT's) and DINOv2 (BiT's)
+    "vit": lambda: ViTImageProcessor(size={"height": 24, "width": 24}),
+    "deit": lambda: DeiTImageProcessor(size={"height": 28, "width": 28}, crop_size={"height": 24, "width": 24}),
+    "swin": lambda: ViTImageProcessor(size={"height": 24, "width": 24}, resample=3),
+    "dinov2": lambda: BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}),
+}
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_eval_transform_equals_the_image_processor(name):
+    processor = PROCESSORS[name]()
     _, evaluation = make_transforms(processor, "img", "y")
-    images = _noise_images(3, size=(30, 20))
-    assert torch.equal(_pixels(evaluation, images), _pixels(evaluation, images))
-    # crop_pct 0.5: shortest edge resized to 16, then the central 8x8
-    image = Image.new("L", (16, 16), 0)
-    image.paste(255, (4, 4, 12, 12))
-    _, evaluation = make_transforms(processor, "img", "y", crop_pct=0.5)
-    pixels = evaluation({"img": [image]})["pixel_values"][0]
-    assert "label" not in evaluation({"img": [image]})
-    torch.testing.assert_close(pixels, torch.ones(3, 8, 8))  # (1 - 0.5) / 0.5
+    for size in [(50, 41), (24, 24), (17, 33), (300, 200)]:
+        images = _noise_images(2, size=size)
+        expected = processor(images=images, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(_pixels(evaluation, images), expected, rtol=0, atol=1e-6)
+    assert "label" not in evaluation({"img": images})
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_train_transform_is_sized_and_normalised_from_the_processor(name):
+    processor = PROCESSORS[name]()
+    train, _ = make_transforms(processor, "img", "y", scale=(1.0, 1.0))
+    pixels = _pixels(train, _noise_images(2, size=(24, 24)))
+    assert pixels.shape == (2, 3, *processor_image_size(processor)) and pixels.dtype == torch.float32
+    mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+    low, high = (0 - mean) / std, (1 - mean) / std
+    assert (pixels.amin((0, 2, 3)) >= low - 1e-5).all() and (pixels.amax((0, 2, 3)) <= high + 1e-5).all()
 
 
 def test_raises_error_when_transform_arguments_are_invalid():
     processor = default_image_processor(8)
     with pytest.raises(ValueError, match="scale must be"):
         make_transforms(processor, scale=(0.5, 1.5))
-    with pytest.raises(ValueError, match="crop_pct must be"):
-        make_transforms(processor, crop_pct=1.2)
     train, _ = make_transforms(processor, "img", "y")
     with pytest.raises(TypeError, match=r"not PIL images.*cast_column"):
         train({"img": [np.zeros((4, 4, 3))], "y": [0]})
 
 
-def test_digits_pipeline_with_eval_collate(digits_dataset):
+def test_digits_pipeline_with_the_collator(digits_dataset):
+    from tl_align_hf import TLAlignCollator
+
     train, evaluation = make_transforms(default_image_processor(12), horizontal_flip=False)
+    collator = TLAlignCollator.from_model(types_namespace(patch_size=4, image_size=12, num_labels=10), seed=0)
     validation = digits_dataset["validation"].with_transform(evaluation)
-    batch = eval_collate([validation[i] for i in range(4)])
+    batch = collator.collate_unmixed([validation[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 3, 12, 12) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == validation["label"][:4]
     assert -1.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
-    loader = torch.utils.data.DataLoader(
-        digits_dataset["train"].with_transform(train), batch_size=8, collate_fn=eval_collate
-    )
-    assert next(iter(loader))["pixel_values"].shape == (8, 3, 12, 12)
+    loader = torch.utils.data.DataLoader(digits_dataset["train"].with_transform(train), batch_size=8, collate_fn=collator)
+    assert next(iter(loader))["token_weights"].shape == (8, 9)
 
 
-def test_eval_collate_accepts_labels_key_and_no_labels():
-    examples = [
-        {"pixel_values": torch.zeros(3, 2, 2), "labels": 4},
-        {"pixel_values": torch.ones(3, 2, 2), "labels": 1},
-    ]
-    assert eval_collate(examples)["labels"].tolist() == [4, 1]
-    assert set(eval_collate([{"pixel_values": torch.zeros(3, 2, 2)}])) == {"pixel_values"}
+def types_namespace(**values):
+    import types
+
+    return types.SimpleNamespace(**values)

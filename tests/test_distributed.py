@@ -18,23 +18,30 @@ from pathlib import Path
 import torch
 from transformers import ViTForImageClassification
 
-from tl_align_hf import TLAlignCollator, load_image_dataset, to_tl_align
+from tl_align_hf import MixingSettings, TLAlignCollator, TLAlignMixer, mixed_batch_loss, to_tl_align
+from tl_align_hf.data import load_image_dataset
 
-from .test_no_trainer import (
-    EXAMPLES,
-    load_example,
-    no_trainer,
-    run_arguments,
-)
-from .tiny_models import IMAGE_SIZE, NUM_LABELS, PATCH_SIZE, tiny_model
+from .test_no_trainer import EXAMPLES, load_example, run_arguments
+from .tiny_models import IMAGE_SIZE, NUM_LABELS, PATCH_SIZE, tiny_model, weights_digest
 
 ROOT = EXAMPLES.parent
 LAUNCH_TIMEOUT_S = 300
 NUM_PROCESSES = 2
 EVAL_SAMPLES = 45  # not a multiple of 2 processes x 4: the last eval batches are padded, and must not count twice
-# Per process, per optimizer step: a micro-batch of 3 and one of 2 (as at the end of an epoch), so that averaging
-# per micro-batch or per process would weight samples unequally and give a different gradient.
-MICRO_BATCH_SIZES = (3, 2)
+# Per process, per optimizer step: two micro-batches of 3 (the example averages each micro-batch, as upstream does;
+# with equal sizes that is the mean over the global batch).
+MICRO_BATCH_SIZES = (3, 3)
+
+# Wraps `mixed_batch_loss` where `module` calls it, to keep this process's alignment sums of every micro-batch.
+RECORD_ALIGNMENT_SUMS = """
+recorded_sums = []
+def _recording(original):
+    def recording(*args, **kwargs):
+        loss, sums = original(*args, **kwargs)
+        recorded_sums.append(sums.tolist())
+        return loss, sums
+    return recording
+"""
 
 # Runs the Trainer example's `main` in each process, with a Trainer subclass that records what it evaluates, then
 # dumps this process's final weights digest, its metrics, the evaluated labels and the logged losses.
@@ -44,9 +51,12 @@ TRAINER_RUN = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, {examples!r})
     import run_image_classification as script
-    import run_image_classification_no_trainer as no_trainer
+    import tl_align_hf.trainer
+    from tests.tiny_models import weights_digest
     from tl_align_hf import TLAlignTrainer
     from tl_align_hf.metrics import compute_accuracy_metrics
+    {record}
+    tl_align_hf.trainer.mixed_batch_loss = _recording(tl_align_hf.trainer.mixed_batch_loss)
 
     class RecordingTrainer(TLAlignTrainer):
         instance, evaluated_labels = None, []
@@ -66,27 +76,52 @@ TRAINER_RUN = textwrap.dedent(
     with open(os.path.join(output, f"rank_{{trainer.args.process_index}}.json"), "w") as file:
         json.dump({{
             "world_size": trainer.args.world_size,
-            "weights": no_trainer.weights_digest(trainer.accelerator.unwrap_model(trainer.model)),
+            "weights": weights_digest(trainer.accelerator.unwrap_model(trainer.model)),
             "metrics": metrics,
             "evaluated_labels": RecordingTrainer.evaluated_labels,
-            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "log_history": trainer.state.log_history,
+            "alignment_sums": recorded_sums,
         }}, file)
     """
 )
 
-# One optimizer step of `accumulate_gradients` on this process's micro-batches; dumps the synchronised gradients.
+# Runs the no-Trainer example's `main` in each process, keeping the model it trains and its alignment sums.
+NO_TRAINER_RUN = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, {examples!r})
+    import run_image_classification_no_trainer as script
+    from tests.tiny_models import weights_digest
+    {record}
+    script.mixed_batch_loss = _recording(script.mixed_batch_loss)
+    trained = []
+    script.to_tl_align = lambda model, convert=script.to_tl_align: trained.append(convert(model)) or trained[-1]
+    output, argv = sys.argv[1], sys.argv[2:]
+    results = script.main(argv)
+    rank = int(os.environ["RANK"])
+    with open(os.path.join(output, f"rank_{{rank}}.json"), "w") as file:
+        json.dump({{"weights": weights_digest(trained[0]), "results": results, "alignment_sums": recorded_sums}}, file)
+    """
+)
+
+# One optimizer step of the example's loss and backward on this process's micro-batches; dumps the synchronised
+# gradients.
 GRADIENT_STEP = textwrap.dedent(
     """
     import sys
     import torch
     from accelerate import Accelerator
     from tests.test_distributed import gradients, local_micro_batches, tiny_aligned_model
-    from tests.test_no_trainer import no_trainer
+    from tl_align_hf import mixed_batch_loss
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=len(local_micro_batches(0)))
     model = accelerator.prepare(tiny_aligned_model())
-    batches = local_micro_batches(accelerator.process_index)
-    no_trainer.accumulate_gradients(accelerator, model, batches, tl_align=True, label_smoothing=0.1)
+    for batch in local_micro_batches(accelerator.process_index):
+        with accelerator.accumulate(model):
+            mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}
+            outputs = model(pixel_values=batch["pixel_values"], **mixing)
+            loss, _ = mixed_batch_loss(outputs, batch, label_smoothing=0.1)
+            accelerator.backward(loss)
     torch.save(gradients(accelerator.unwrap_model(model)), f"{sys.argv[1]}/grads_{accelerator.process_index}.pt")
     """
 )
@@ -130,7 +165,19 @@ def accelerate_launch(script: Path, *args: str, cwd: Path) -> subprocess.Complet
 
 
 def saved_weights_digest(output_dir: Path) -> str:
-    return no_trainer.weights_digest(ViTForImageClassification.from_pretrained(output_dir))
+    return weights_digest(ViTForImageClassification.from_pretrained(output_dir))
+
+
+def assert_logged_alignment_is_the_mean_over_processes(train_logs: list[dict], ranks: list[dict], micro_batches: int):
+    """Each logged `aligned_lam` / `alignment_gap` is the mean over both processes' samples of that step, which
+    differs from rank 0's own mean (the ranks see different images and mixing draws)."""
+    for step, entry in enumerate(train_logs):
+        per_rank = [torch.tensor(rank["alignment_sums"][step * micro_batches : (step + 1) * micro_batches]).sum(0)
+                    for rank in ranks]  # fmt: skip
+        total = sum(per_rank)
+        for position, name in ((2, "aligned_lam"), (3, "alignment_gap")):
+            assert abs(entry[name] - (total[position] / total[0]).item()) < 1e-6, (step, name)
+        assert abs(entry["aligned_lam"] - (per_rank[0][2] / per_rank[0][0]).item()) > 1e-7, "ranks saw the same shares"
 
 
 def validation_labels(digits: Path, seed: int = 0) -> list[int]:
@@ -148,14 +195,16 @@ def test_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path):
     options = {"--max_steps": "4", "--save_strategy": "no", "--report_to": "none", "--dataloader_num_workers": "0"}
     argv = run_arguments(digits, tiny_checkpoint, output_dir, options) + ["--do_train", "--do_eval", "--use_cpu"]
     script = tmp_path / "trainer_run.py"
-    script.write_text(TRAINER_RUN.format(examples=str(EXAMPLES)))
+    script.write_text(TRAINER_RUN.format(examples=str(EXAMPLES), record=RECORD_ALIGNMENT_SUMS))
 
-    torchrun(script, str(tmp_path), *argv, cwd=tmp_path)
+    torchrun(script, str(tmp_path), *argv, cwd=ROOT)
 
     ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
     assert [rank["world_size"] for rank in ranks] == [NUM_PROCESSES] * NUM_PROCESSES
     assert ranks[0]["weights"] == ranks[1]["weights"] == saved_weights_digest(output_dir)
-    assert len(ranks[0]["losses"]) == 4 and all(torch.isfinite(torch.tensor(ranks[0]["losses"])))
+    train_logs = [entry for entry in ranks[0]["log_history"] if "loss" in entry]
+    assert len(train_logs) == 4 and all(torch.isfinite(torch.tensor([entry["loss"] for entry in train_logs])))
+    assert_logged_alignment_is_the_mean_over_processes(train_logs, ranks, micro_batches=1)
     expected_labels = validation_labels(digits)
     for rank in ranks:
         (evaluated,) = rank["evaluated_labels"]  # one evaluation, on all processes' gathered predictions
@@ -167,26 +216,22 @@ def test_no_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path)
     output_dir = tmp_path / "out"
     options = {"--max_train_steps": "4", "--checkpointing_steps": "2"}
     argv = run_arguments(digits, tiny_checkpoint, output_dir, options) + ["--cpu"]
+    script = tmp_path / "no_trainer_run.py"
+    script.write_text(NO_TRAINER_RUN.format(examples=str(EXAMPLES), record=RECORD_ALIGNMENT_SUMS))
 
-    accelerate_launch(EXAMPLES / "run_image_classification_no_trainer.py", *argv, cwd=tmp_path)
+    accelerate_launch(script, str(tmp_path), *argv, cwd=ROOT)
 
+    ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
+    assert ranks[0]["weights"] == ranks[1]["weights"] == saved_weights_digest(output_dir)
     results = json.loads((output_dir / "all_results.json").read_text())
-    digests = results["final_weights_sha256_per_process"]
-    assert len(digests) == NUM_PROCESSES and set(digests) == {saved_weights_digest(output_dir)}
     assert results["eval_samples"] == EVAL_SAMPLES and results["train_steps"] == 4
     log_history = json.loads((output_dir / "log_history.json").read_text())["log_history"]
-    assert [entry["step"] for entry in log_history if "loss" in entry] == [1, 2, 3, 4]
+    train_logs = [entry for entry in log_history if "loss" in entry]
+    assert [entry["step"] for entry in train_logs] == [1, 2, 3, 4]
+    assert_logged_alignment_is_the_mean_over_processes(train_logs, ranks, micro_batches=1)
     assert (output_dir / "README.md").is_file() and (output_dir / "preprocessor_config.json").is_file()
-
-    checkpoint = output_dir / "checkpoint-step_2"
-    assert json.loads((checkpoint / no_trainer.CHECKPOINT_STATE_NAME).read_text())["num_processes"] == NUM_PROCESSES
-    streams = [json.loads((checkpoint / f"tl_align_collator_state_{rank}.json").read_text()) for rank in (0, 1)]
-    assert streams[0]["collator"]["num_calls"] == streams[1]["collator"]["num_calls"] == 2
-    assert streams[0]["collator"]["generator_state"] != streams[1]["collator"]["generator_state"]  # own streams
-    assert {path.name for path in checkpoint.glob("random_states_*.pkl")} == {
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    }
+    checkpoint = output_dir / "step_2"
+    assert {path.name for path in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
 
 # ----------------------------------------------------------------------------------------------- gradients
@@ -199,9 +244,8 @@ def tiny_aligned_model():
 
 def local_micro_batches(rank: int) -> list[dict[str, torch.Tensor]]:
     """The mixed micro-batches of one process: its own examples, mixed by its own collator stream."""
-    collator = TLAlignCollator(
-        method="cutmix", cutmix_alpha=1.0, patch_size=PATCH_SIZE, num_labels=NUM_LABELS, seed=0, rank=rank
-    )
+    mixer = TLAlignMixer(MixingSettings(mixing_method="cutmix", cutmix_alpha=1.0), PATCH_SIZE)
+    collator = TLAlignCollator(mixer, num_labels=NUM_LABELS, seed=0, rank=rank)
     generator = torch.Generator().manual_seed(100 + rank)
     batches = []
     for size in MICRO_BATCH_SIZES:
@@ -232,7 +276,7 @@ def mean_loss_gradients(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     model = tiny_aligned_model()
     mixing = {name: batch[name] for name in ("mix_index", "token_weights", "mix_lam")}
     outputs = model(pixel_values=batch["pixel_values"], **mixing)
-    loss = model.tl_align_loss(outputs, batch["labels"], batch["mix_index"], outputs.aligned_lam, 0.1, "mean")
+    loss, _ = mixed_batch_loss(outputs, batch, label_smoothing=0.1)
     loss.backward()
     return gradients(model)
 
@@ -255,10 +299,9 @@ def test_gradients_of_two_processes_equal_one_process_with_the_global_batch(tmp_
 
     per_rank = [torch.load(tmp_path / f"grads_{rank}.pt") for rank in range(NUM_PROCESSES)]
     all_batches = [batch for rank in range(NUM_PROCESSES) for batch in local_micro_batches(rank)]
-    expected = mean_loss_gradients(concatenated(all_batches))  # one process, batch 2 x (3 + 2)
+    expected = mean_loss_gradients(concatenated(all_batches))  # one process, batch 2 x (3 + 3)
     for rank_gradients in per_rank:
         assert relative_difference(rank_gradients, expected) < 1e-6
-    # The test can tell: averaging the micro-batch means instead weights the samples unequally.
-    per_batch = [mean_loss_gradients(batch) for batch in all_batches]
-    averaged = {name: sum(grads[name] for grads in per_batch) / len(per_batch) for name in expected}
-    assert relative_difference(averaged, expected) > 1e-3
+    # The test can tell: one process's own micro-batches give another gradient.
+    own = mean_loss_gradients(concatenated(local_micro_batches(0)))
+    assert relative_difference(own, expected) > 1e-3

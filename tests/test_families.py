@@ -232,7 +232,7 @@ def test_to_tl_align_on_auto_model_matches_aligned_class(name, tmp_path):
 @pytest.mark.parametrize("name", TRAINED_FAMILIES)
 def test_collator_from_model_gives_batches_the_model_takes(name):
     model = aligned_copy(tiny_family_model(name))
-    collator = TLAlignCollator.from_model(model, method="cutmix", seed=0)
+    collator = TLAlignCollator.from_model(model, mixing_method="cutmix", seed=0)
     batch = collator([image_dataset(4)[index] for index in range(4)])
     with torch.no_grad():
         out = model(batch["pixel_values"], **_mixing(batch))

@@ -1,9 +1,10 @@
-"""Publishing to the Hub, end to end against the local Hub of tests/hub_server.py (no network).
+"""Publishing to the Hub, end to end: the real huggingface_hub / transformers clients against the local Hub of
+tests/hub_server.py (no network).
 
 In this process, `push_checkpoint_to_hub` reaches the local Hub through `patch_client_in_process` (it makes a new
-`HfApi` per call). Everything transformers does (`from_pretrained(repo_id)`, `Trainer.push_to_hub`) runs in a fresh
-subprocess configured by environment variables only, as a user would: transformers keeps its own `HfApi` and
-huggingface_hub reads `HF_ENDPOINT` at import time (see the module docstring of tests/hub_server.py).
+`HfApi` per call, which reads `huggingface_hub.constants.ENDPOINT`). Everything transformers does
+(`from_pretrained(repo_id)`, `Trainer.push_to_hub`) runs in a fresh subprocess configured by environment variables
+only (`HF_ENDPOINT`, read at import), as a user configures a private Hub.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers import ViTConfig, ViTImageProcessor
 
 from tests.hub_server import FAKE_TOKEN, FAKE_USER, HubServer, patch_client_in_process
-from tl_align_hf import TLAlignViTForImageClassification, push_checkpoint_to_hub, write_model_card
+from tl_align_hf import TLAlignViTForImageClassification, push_checkpoint_to_hub
+from tl_align_hf.model_card import model_card
 
 REPO_ID = f"{FAKE_USER}/tiny-vit-tl-align"
-MIXING = {"method": "token_cutmix", "cutmix_alpha": 1.0, "mixup_alpha": 0.0, "prob": 1.0, "mode": "batch"}
+MIXING = {"mixing_method": "token_cutmix", "cutmix_alpha": 1.0, "mixup_alpha": 0.0, "mix_prob": 1.0, "mix_mode": "batch"}
 SUBPROCESS_TIMEOUT_S = 120
-# huggingface_hub's LFS upload passes a file object as `data=`, which httpx2 deprecates: not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 # Runs in a fresh interpreter that cannot import tl_align_hf: loads the pushed repo with plain transformers and
 # compares it with the reference saved by the test (state dict, logits on fixed pixels).
@@ -80,16 +80,9 @@ TRAINER_PUSH = textwrap.dedent(
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    """A fresh local Hub for one test, on 127.0.0.1 at a free port, stopped at teardown.
-
-    How clients reach it: huggingface_hub reads `HF_ENDPOINT` at import time, and transformers keeps a shared
-    `HfApi` built with the endpoint of that moment, so setting the variable inside an already-running test does not
-    redirect them. The robust route, used for everything transformers does, is a subprocess that starts with the
-    environment set (`run_python`). In this process only `push_checkpoint_to_hub` runs, which makes a new `HfApi`
-    per call and so follows the patched `huggingface_hub.constants.ENDPOINT` (see `patch_client_in_process`).
-    Caches and the token file live under `tmp_path`; no token is set; Xet is off (the server speaks LFS).
-    Teardown fails the test if the client called an endpoint the server does not serve.
-    """
+    """A fresh local Hub for one test, stopped at teardown; this process's new `HfApi()`s and the subprocesses of
+    `run_python` reach it, with caches and token file under `tmp_path` and no token set. Teardown fails the test if
+    the client called an endpoint the server does not serve."""
     with HubServer(max_lifetime_s=300) as server:
         patch_client_in_process(monkeypatch, server.url, tmp_path / "hf_home")
         yield server
@@ -111,19 +104,18 @@ def tiny_model() -> TLAlignViTForImageClassification:
     return TLAlignViTForImageClassification(config).eval()
 
 
-def write_card(folder: Path, metrics: dict) -> Path:
-    """The model card of the tiny model, as the example script writes it."""
-    return write_model_card(
-        folder,
-        base_model=None,
-        dataset="digits",
+def write_card(folder: Path, metrics: dict) -> None:
+    """The model card of the tiny model, as the no-Trainer example script writes it."""
+    card = model_card(
+        model_class_name="TLAlignViTForImageClassification",
         mixing=MIXING,
         tl_align=True,
         label_smoothing=0.1,
-        metrics=metrics,
-        model_class_name="TLAlignViTForImageClassification",
+        dataset="digits",
+        eval_results=metrics,
         repo_id=REPO_ID,
     )
+    card.save(folder / "README.md")
 
 
 @pytest.fixture
@@ -139,7 +131,7 @@ def checkpoint(tmp_path: Path) -> Path:
     write_card(folder, {"eval_accuracy": 0.5, "eval_top5_accuracy": 0.9, "eval_loss": 1.7})
     for skipped in ("checkpoint-1/model.safetensors", "runs/events.out.tfevents.1"):
         (folder / skipped).parent.mkdir(parents=True, exist_ok=True)
-        (folder / skipped).write_bytes(b"\0not for the Hub")
+        (folder / skipped).write_bytes(b"not for the Hub")
     pixel_values = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(pixel_values=pixel_values).logits
@@ -163,17 +155,12 @@ def run_python(code: str, *args: str | Path, cwd: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def api(hub: HubServer, token: str | None = FAKE_TOKEN) -> HfApi:
-    """A client of the local Hub."""
-    return HfApi(endpoint=hub.url, token=token)
-
-
 def test_push_checkpoint_loads_with_plain_transformers(hub: HubServer, checkpoint: Path, tmp_path: Path):
     commit_url = push_checkpoint_to_hub(checkpoint, REPO_ID, token=FAKE_TOKEN)
 
-    head = api(hub).model_info(REPO_ID).sha
-    assert commit_url == f"{hub.url}/{REPO_ID}/commit/{head}"
-    assert hub.hub.file(REPO_ID, "model.safetensors") == (checkpoint / "model.safetensors").read_bytes()
+    head = hub.hub.commits(REPO_ID)[0]
+    assert commit_url == f"{hub.url}/{REPO_ID}/commit/{head.oid}"
+    assert head.files["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()
     loaded = run_python(LOAD_WITH_PLAIN_TRANSFORMERS, REPO_ID, tmp_path / "reference.pt", cwd=tmp_path)
     assert loaded["class"] == "ViTForImageClassification"
     assert loaded["architectures"] == ["ViTForImageClassification"]
@@ -187,18 +174,14 @@ def test_push_checkpoint_loads_with_plain_transformers(hub: HubServer, checkpoin
 def test_push_checkpoint_sends_card_and_skips_trainer_folders(hub: HubServer, checkpoint: Path):
     push_checkpoint_to_hub(checkpoint, REPO_ID, token=FAKE_TOKEN)
 
-    files = api(hub).list_repo_files(REPO_ID)
+    files = HfApi(endpoint=hub.url).list_repo_files(REPO_ID)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
     assert not [path for path in files if path.startswith(("checkpoint-", "runs/"))]
     card = ModelCard(hub.hub.file(REPO_ID, "README.md").decode())
     assert card.data.library_name == "transformers"
     assert {"image-classification", "vision", "tl-align", "token-label-alignment"} <= set(card.data.tags)
     assert card.data.eval_results[0].metric_value == 0.5
-    assert "AutoModelForImageClassification.from_pretrained" in card.text and REPO_ID in card.text
-    info = api(hub).model_info(REPO_ID, files_metadata=True)
-    assert "tl-align" in info.tags and info.card_data.library_name == "transformers"
-    weights = next(sibling for sibling in info.siblings if sibling.rfilename == "model.safetensors")
-    assert weights.lfs is not None  # went through the LFS batch API and upload
+    assert f'AutoModelForImageClassification.from_pretrained("{REPO_ID}")' in card.text
 
 
 def test_second_push_creates_second_commit(hub: HubServer, checkpoint: Path):
@@ -207,17 +190,25 @@ def test_second_push_creates_second_commit(hub: HubServer, checkpoint: Path):
     second = push_checkpoint_to_hub(checkpoint, REPO_ID, token=FAKE_TOKEN, commit_message="Second push")
     unchanged = push_checkpoint_to_hub(checkpoint, REPO_ID, token=FAKE_TOKEN, commit_message="Nothing new")
 
-    titles = [commit.title for commit in api(hub).list_repo_commits(REPO_ID)]
-    assert titles == ["Second push", "First push", "initial commit"]
+    commits = hub.hub.commits(REPO_ID)
+    assert [commit.title for commit in commits] == ["Second push", "First push", "initial commit"]
     assert first != second and unchanged == second
-    assert ModelCard(hub.hub.file(REPO_ID, "README.md").decode()).data.eval_results[0].metric_value == 0.75
+    assert set(commits[0].files) == set(commits[1].files)
+    assert ModelCard(commits[0].files["README.md"].decode()).data.eval_results[0].metric_value == 0.75
 
 
 def test_push_checkpoint_to_branch(hub: HubServer, checkpoint: Path):
     push_checkpoint_to_hub(checkpoint, REPO_ID, token=FAKE_TOKEN, revision="experiment")
 
-    assert "model.safetensors" in api(hub).list_repo_files(REPO_ID, revision="experiment")
-    assert api(hub).list_repo_files(REPO_ID) == [".gitattributes"]
+    assert "model.safetensors" in hub.hub.commits(REPO_ID, revision="experiment")[0].files
+    assert list(hub.hub.commits(REPO_ID)[0].files) == [".gitattributes"]
+
+
+def test_push_with_bare_name_goes_to_the_token_namespace(hub: HubServer, checkpoint: Path):
+    push_checkpoint_to_hub(checkpoint, "bare-name", token=FAKE_TOKEN)
+
+    user = HfApi(endpoint=hub.url, token=FAKE_TOKEN).whoami()["name"]
+    assert list(hub.hub.repos) == [f"{user}/bare-name"]
 
 
 @pytest.mark.parametrize(
@@ -232,7 +223,7 @@ def test_raises_error_when_token_is_missing_or_invalid(hub: HubServer, checkpoin
 
 
 def test_raises_error_when_pushing_to_existing_repo_without_valid_token(hub: HubServer, checkpoint: Path):
-    api(hub).create_repo(REPO_ID)
+    HfApi(endpoint=hub.url, token=FAKE_TOKEN).create_repo(REPO_ID)
 
     with pytest.raises(HfHubHTTPError) as error:
         push_checkpoint_to_hub(checkpoint, REPO_ID, token="hf_not_a_valid_token")
@@ -246,20 +237,12 @@ def test_raises_error_when_namespace_is_not_the_token_owner(hub: HubServer, chec
         push_checkpoint_to_hub(checkpoint, "someone-else/model", token=FAKE_TOKEN)
 
     assert error.value.response.status_code == 403
+    assert hub.hub.repos == {}
 
 
 def test_raises_error_when_folder_is_missing(hub: HubServer, tmp_path: Path):
     with pytest.raises(NotADirectoryError, match="save_pretrained"):
         push_checkpoint_to_hub(tmp_path / "missing", REPO_ID, token=FAKE_TOKEN)
-
-
-def test_whoami_and_missing_entries(hub: HubServer, checkpoint: Path):
-    assert api(hub).whoami()["name"] == FAKE_USER
-    with pytest.raises(HfHubHTTPError, match="Invalid user token"):
-        api(hub, token="hf_not_a_valid_token").whoami()
-    push_checkpoint_to_hub(checkpoint, REPO_ID, token=FAKE_TOKEN)
-    assert not api(hub).file_exists(REPO_ID, "model.safetensors.index.json")
-    assert not api(hub).repo_exists(f"{FAKE_USER}/absent")
 
 
 def test_trainer_push_to_hub(hub: HubServer, tmp_path: Path):
@@ -270,3 +253,4 @@ def test_trainer_push_to_hub(hub: HubServer, tmp_path: Path):
     commits = hub.hub.commits(repo_id)
     assert pushed["oid"] == commits[0].oid and commits[0].title == "End of training"
     assert {"config.json", "model.safetensors", "README.md", "training_args.bin"} <= set(commits[0].files)
+    assert "generated_from_trainer" in ModelCard(commits[0].files["README.md"].decode()).data.tags

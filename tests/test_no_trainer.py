@@ -2,7 +2,7 @@
 checkpoints, arguments, pushing. The multi-process runs are in tests/test_distributed.py.
 
 Training runs call `main(argv)` in this process on a tiny ViT (16 px images, 4 px patches) and a digits imagefolder
-written once per module (data loader workers off, so that resume is exact).
+written once per module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from huggingface_hub import HfApi
 from transformers import ViTForImageClassification
 
 from tests.hub_server import FAKE_TOKEN, FAKE_USER, HubServer, patch_client_in_process
-from tl_align_hf import TLAlignConfig
+from tl_align_hf import MixingSettings, TLAlignConfig
+
+from .tiny_models import weights_digest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # 20 training images, batches of 4, 2 micro-batches per step: 5 micro-batches and 3 steps per epoch (the last one
@@ -82,20 +84,25 @@ def uninterrupted(digits, tiny_checkpoint, tmp_path_factory) -> tuple[dict, Path
 # ----------------------------------------------------------------------------------------------- training and outputs
 
 
+def saved_weights(output_dir: Path) -> str:
+    return weights_digest(ViTForImageClassification.from_pretrained(output_dir))
+
+
 def test_train_with_no_trainer_script_saves_model_card_and_results(uninterrupted, tiny_checkpoint):
     results, output_dir = uninterrupted
     assert results["train_steps"] == 5 and results["eval_samples"] == 45
     assert json.loads((output_dir / "all_results.json").read_text()) == results
     log_history = json.loads((output_dir / "log_history.json").read_text())["log_history"]
-    losses = [entry["loss"] for entry in log_history if "loss" in entry]
-    assert len(losses) >= 5 and all(torch.isfinite(torch.tensor(losses)))
+    train_logs = [entry for entry in log_history if "loss" in entry]
+    assert [entry["step"] for entry in train_logs] == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(torch.tensor([entry["loss"] for entry in train_logs])))
+    assert all(0.0 < entry["aligned_lam"] < 1.0 and entry["alignment_gap"] >= 0.0 for entry in train_logs)
     assert [entry["eval_samples"] for entry in log_history if "eval_loss" in entry] == [45, 45]  # after each epoch
     assert 0.0 < results["train_aligned_lam"] < 1.0 and results["train_alignment_gap"] > 0.0
 
     loaded, info = ViTForImageClassification.from_pretrained(output_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert loaded.config.architectures == ["ViTForImageClassification"] and loaded.config.problem_type is None
-    assert no_trainer.weights_digest(loaded) == results["final_weights_sha256_per_process"][0]
     initial = ViTForImageClassification.from_pretrained(tiny_checkpoint).state_dict()
     unchanged = [name for name, value in loaded.state_dict().items() if torch.equal(value, initial[name])]
     assert unchanged == []
@@ -104,34 +111,36 @@ def test_train_with_no_trainer_script_saves_model_card_and_results(uninterrupted
     assert "tl-align" in card and "cutmix" in card and "eval_accuracy" in card
 
 
-def test_checkpoints_hold_the_mixing_stream_and_are_safetensors(uninterrupted):
+def test_checkpoints_are_complete_accelerate_states(uninterrupted):
     _, output_dir = uninterrupted
     checkpoints = no_trainer.complete_checkpoints(output_dir)
-    assert [path.name for path in checkpoints] == ["checkpoint-step_2", "checkpoint-step_4"]
-    state = json.loads((checkpoints[0] / no_trainer.CHECKPOINT_STATE_NAME).read_text())
-    assert state == {"epoch": 0, "step_in_epoch": 4, "completed_steps": 2, "micro_batches": 4, "num_processes": 1}
-    collator_state = json.loads((checkpoints[0] / "tl_align_collator_state_0.json").read_text())
-    assert collator_state["collator"]["num_calls"] == 4  # trained batches, not the one the loader fetched ahead
-    assert (checkpoints[0] / "model.safetensors").is_file()
-    assert not list(output_dir.glob(f"*{no_trainer.PARTIAL_SUFFIX}"))
+    assert [path.name for path in checkpoints] == ["step_2", "step_4"]
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= {
+        path.name for path in checkpoints[0].iterdir()
+    }
+    assert not list(output_dir.glob(f"*{no_trainer.STAGING_SUFFIX}"))
 
 
 # ----------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
 def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(
-    uninterrupted, digits, tiny_checkpoint, tmp_path
+    uninterrupted, digits, tiny_checkpoint, tmp_path, workers
 ):
+    """Resumed mid-epoch (step 2 of 3 per epoch): same weights, with or without DataLoader workers."""
     expected, full_dir = uninterrupted
-    resumed = train(
-        digits,
-        tiny_checkpoint,
-        tmp_path / "resumed",
-        **{"--resume_from_checkpoint": str(full_dir / "checkpoint-step_2")},
-    )
+    options = {"--resume_from_checkpoint": str(full_dir / "step_2"), "--dataloader_num_workers": workers}
+    resumed = train(digits, tiny_checkpoint, tmp_path / "resumed", **options)
     assert resumed["train_steps"] == 5
-    assert resumed["final_weights_sha256_per_process"] == expected["final_weights_sha256_per_process"]
+    assert saved_weights(tmp_path / "resumed") == saved_weights(full_dir)
     assert resumed["eval_loss"] == expected["eval_loss"]
+
+
+def test_workers_train_the_weights_of_a_run_without_workers(uninterrupted, digits, tiny_checkpoint, tmp_path):
+    _, full_dir = uninterrupted
+    train(digits, tiny_checkpoint, tmp_path / "workers", **{"--dataloader_num_workers": "2"})
+    assert saved_weights(tmp_path / "workers") == saved_weights(full_dir)
 
 
 class SimulatedKill(Exception):
@@ -141,7 +150,7 @@ class SimulatedKill(Exception):
 def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_and_resume_picks_it(
     uninterrupted, digits, tiny_checkpoint, tmp_path, monkeypatch
 ):
-    expected, _ = uninterrupted
+    _, full_dir = uninterrupted
     output_dir = tmp_path / "out"
     save_state = Accelerator.save_state
 
@@ -156,21 +165,22 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_and_resume_pic
         with pytest.raises(SimulatedKill):
             train(digits, tiny_checkpoint, output_dir)
 
-    partial = output_dir / f"checkpoint-step_4{no_trainer.PARTIAL_SUFFIX}"
-    assert (partial / "model.safetensors").is_file() and not (partial / no_trainer.CHECKPOINT_STATE_NAME).exists()
-    assert not (output_dir / "checkpoint-step_4").exists()
-    assert no_trainer.resolve_checkpoint("latest", str(output_dir)) == output_dir / "checkpoint-step_2"
-    with pytest.raises(ValueError, match="not a complete checkpoint.*--resume_from_checkpoint latest"):
-        no_trainer.resolve_checkpoint(str(partial), str(output_dir))
+    staging = output_dir / f"step_4{no_trainer.STAGING_SUFFIX}"
+    assert (staging / "model.safetensors").is_file() and not (output_dir / "step_4").exists()
+    assert no_trainer.complete_checkpoints(output_dir) == [output_dir / "step_2"]
+    with pytest.raises(ValueError, match="not a complete checkpoint folder.*--resume_from_checkpoint latest"):
+        train(digits, tiny_checkpoint, output_dir, **{"--resume_from_checkpoint": str(staging)})
 
-    resumed = train(digits, tiny_checkpoint, output_dir, **{"--resume_from_checkpoint": "latest"})
-    assert resumed["final_weights_sha256_per_process"] == expected["final_weights_sha256_per_process"]
-    assert [path.name for path in no_trainer.complete_checkpoints(output_dir)][-1] == "checkpoint-step_4"
-    assert not partial.exists()
+    train(digits, tiny_checkpoint, output_dir, **{"--resume_from_checkpoint": "latest"})
+    assert saved_weights(output_dir) == saved_weights(full_dir)
+    assert [path.name for path in no_trainer.complete_checkpoints(output_dir)] == ["step_2", "step_4"]
+    assert not staging.exists()
 
 
-def test_resume_latest_without_checkpoints_means_none(tmp_path):
-    assert no_trainer.resolve_checkpoint("latest", str(tmp_path)) is None
+def test_resume_latest_without_checkpoints_starts_from_scratch(digits, tiny_checkpoint, tmp_path, uninterrupted):
+    _, full_dir = uninterrupted
+    train(digits, tiny_checkpoint, tmp_path / "fresh", **{"--resume_from_checkpoint": "latest"})
+    assert saved_weights(tmp_path / "fresh") == saved_weights(full_dir)
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -178,48 +188,48 @@ def test_resume_latest_without_checkpoints_means_none(tmp_path):
 
 def test_no_arguments_run_the_digits_default():
     args = no_trainer.parse_args([])
-    assert args.use_digits and args.output_dir == no_trainer.DIGITS_OUTPUT_DIR
+    assert args.use_digits and args.output_dir == no_trainer.DIGITS_DEFAULTS["output_dir"]
     assert args.learning_rate == 0.002 and args.warmup_ratio == 0.1 and args.lr_scheduler_type.value == "cosine"
-    assert args.mixing_method == "token_cutmix" and args.per_device_train_batch_size == 64
+    assert args.mixing.mixing_method == "token_cutmix" and args.per_device_train_batch_size == 64
+    assert no_trainer.parse_args(["--learning_rate", "0.01"]).learning_rate == 0.01
 
 
 def test_mixing_arguments_have_the_names_and_defaults_of_tl_align_config(tmp_path):
-    args = no_trainer.parse_args(["--use_digits"])
-    config = TLAlignConfig(output_dir=str(tmp_path), seed=args.seed)
-    assert no_trainer.mixing_settings(args) == config.collator_kwargs()
-    for name in no_trainer.MIXING_FIELDS:
+    args = no_trainer.parse_args([])
+    config = TLAlignConfig(output_dir=str(tmp_path))
+    assert args.mixing == config.mixing_settings() == MixingSettings()
+    for name in ("tl_align", "label_smoothing", "tl_align_attention_path"):
         assert getattr(args, name) == getattr(config, name), name
     args = no_trainer.parse_args(
-        ["--use_digits", "--no_tl_align", "--cutmix_minmax", "0.2", "0.8", "--mix_mode", "elem"]
+        ["--tl_align", "false", "--mixing_method", "cutmix", "--cutmix_minmax", "0.2", "0.8", "--mix_mode", "elem"]
     )
-    assert args.tl_align is False and args.cutmix_minmax == [0.2, 0.8] and args.mix_mode == "elem"
+    assert args.tl_align is False and args.mixing.cutmix_minmax == [0.2, 0.8] and args.mixing.mix_mode == "elem"
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--train_dir", "x", "--use_digits"], "exactly one data source"),
-        (["--use_digits", "--checkpointing_steps", "often"], "positive number of steps or 'epoch'"),
-        (["--use_digits", "--checkpointing_steps", "10"], "--checkpointing_steps needs --output_dir"),
-        (["--use_digits", "--label_smoothing", "1.5"], r"--label_smoothing must be in \[0, 1\)"),
-        (["--use_digits", "--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+        (["--checkpointing_steps", "often"], "positive number of steps or 'epoch'"),
+        (["--train_dir", "x", "--checkpointing_steps", "10"], "need --output_dir"),
+        (["--label_smoothing", "1.5"], r"--label_smoothing must be in \[0, 1\)"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+        (["--mix_prob", "2"], r"`mix_prob` \(--mix_prob\) must be a number in \[0.0, 1.0\]"),
     ],
-    ids=["two_data_sources", "bad_checkpointing_steps", "checkpoints_without_output_dir", "smoothing", "accumulation"],
+    ids=["bad_checkpointing_steps", "checkpoints_without_output_dir", "smoothing", "accumulation", "mix_prob"],
 )
 def test_raises_error_when_arguments_are_wrong(argv, message):
     with pytest.raises(ValueError, match=message):
         no_trainer.parse_args(argv)
 
 
-def test_raises_error_when_resuming_from_a_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder"):
-        no_trainer.resolve_checkpoint(str(tmp_path / "checkpoint-step_9"), str(tmp_path))
+def test_raises_error_when_resuming_from_a_missing_folder(digits, tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="not a complete checkpoint folder"):
+        train(digits, tiny_checkpoint, tmp_path / "out", **{"--resume_from_checkpoint": str(tmp_path / "step_9")})
 
 
 # ----------------------------------------------------------------------------------------------- Hub
 
 
-@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload
 def test_push_to_hub_sends_model_processor_and_card(digits, tiny_checkpoint, tmp_path, monkeypatch):
     repo_id = f"{FAKE_USER}/tiny-no-trainer"
     with HubServer(max_lifetime_s=300) as server:
@@ -228,12 +238,12 @@ def test_push_to_hub_sends_model_processor_and_card(digits, tiny_checkpoint, tmp
             "--max_train_steps": "1",
             "--max_eval_samples": "8",
             "--checkpointing_steps": "1",
-            "--push_to_hub": "true",
             "--hub_model_id": repo_id,
             "--hub_token": FAKE_TOKEN,
         }
-        train(digits, tiny_checkpoint, tmp_path / "out", **options)
+        argv = run_arguments(digits, tiny_checkpoint, tmp_path / "out", {**RESUME_RUN, **options})
+        no_trainer.main(argv + ["--cpu", "--push_to_hub"])
         files = set(HfApi(endpoint=server.url, token=FAKE_TOKEN).list_repo_files(repo_id))
         assert not server.hub.unhandled
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"} <= files
-    assert not [name for name in files if name.startswith("checkpoint-")]
+    assert not [name for name in files if name.startswith(("step_", "epoch_"))]

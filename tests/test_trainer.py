@@ -175,12 +175,30 @@ def _final_weights(trainer):
     return {name: parameter.detach().clone() for name, parameter in trainer.model.state_dict().items()}
 
 
-def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(tmp_path):
-    overrides = dict(max_steps=6, save_strategy="steps", save_steps=3, mixing_method="cutmix")
+@pytest.mark.parametrize(
+    "num_workers, accumulation, mode",
+    [(0, 1, "batch"), (2, 1, "pair"), (2, 2, "elem"), (0, 2, "batch")],
+    ids=["workers0-batch", "workers2-pair", "workers2-accumulation2-elem", "workers0-accumulation2-batch"],
+)
+def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(tmp_path, num_workers, accumulation, mode):
+    """The mixing draws are a function of (seed, rank, epoch, batch): nothing to restore, even with DataLoader workers."""
+    # The checkpoint falls inside an epoch (6 batches per epoch), so the resumed run skips batches of that epoch.
+    max_steps, save_steps = (8, 3) if accumulation == 1 else (5, 4)
+    overrides = dict(
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        mixing_method="cutmix",
+        mixup_alpha=0.5,
+        mix_mode=mode,
+        gradient_accumulation_steps=accumulation,
+        dataloader_num_workers=num_workers,
+    )
     full, _ = trained(tmp_path / "full", **overrides)
     expected = _final_weights(full)
-    checkpoint = tmp_path / "full" / "out" / "checkpoint-3"
+    checkpoint = tmp_path / "full" / "out" / f"checkpoint-{save_steps}"
     assert (checkpoint / "model.safetensors").exists()
+    assert not list(checkpoint.glob("*collator*")), "no mixing state needs saving"
 
     fresh = tiny_model(ViTForImageClassification, "sdpa", seed=1)  # different init: everything must be restored
     resumed = TLAlignTrainer(
@@ -237,32 +255,61 @@ def test_swap_trainer_in_an_hf_style_script(tmp_path):
     assert any("aligned_lam" in entry for entry in trainer.state.log_history)
 
 
-def test_raises_error_when_args_are_plain_training_arguments(tmp_path):
-    with pytest.raises(TypeError, match="`args` must be a TLAlignConfig"):
-        TLAlignTrainer(model=tiny_model(ViTForImageClassification), args=TrainingArguments(output_dir=str(tmp_path)))
+def _image_folder_dataset(num_examples: int = 12) -> datasets.Dataset:
+    """Raw PIL images and labels with a `with_transform` transform, as the example scripts prepare them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(num_examples)]
+    raw = datasets.Dataset.from_dict({"image": images, "label": [i % NUM_LABELS for i in range(num_examples)]})
+    raw = raw.cast_column("image", datasets.Image())
+
+    def transform(batch):
+        pixels = [torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1) for image in batch["image"]]
+        return {"pixel_values": pixels, "label": batch["label"]}
+
+    return raw.with_transform(transform)
+
+
+def test_train_with_plain_training_arguments(tmp_path, caplog):
+    """A plain TrainingArguments (remove_unused_columns=True by default) trains with the default mixing, said once."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+        use_cpu=True, logging_steps=1, seed=0,
+    )
+    model = tiny_model(ViTForImageClassification, "sdpa").train()
+    with caplog.at_level("INFO", logger="tl_align_hf"):
+        trainer = TLAlignTrainer(model=model, args=args, train_dataset=_image_folder_dataset())
+        trainer.train()
+    assert isinstance(trainer.args, TLAlignConfig) and trainer.args.learning_rate == 1e-2
+    assert trainer.args.mixing_method == "token_cutmix" and trainer.args.tl_align
+    assert any("plain TrainingArguments" in record.message and "token_cutmix" in record.message for record in caplog.records)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all("aligned_lam" in entry for entry in logs)
 
 
 def test_raises_error_when_label_smoothing_factor_is_set(tmp_path):
-    with pytest.raises(ValueError, match="set `label_smoothing` instead of `label_smoothing_factor`"):
+    with pytest.raises(ValueError, match=r"set `label_smoothing` \(--label_smoothing\) instead of `label_smoothing_factor`"):
         make_args(tmp_path, label_smoothing_factor=0.1)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(mixing_method="cutout"), "`mixing_method` must be one of"),
-        (dict(mix_mode="batches"), "`mix_mode` must be one of"),
-        (dict(label_smoothing=1.5), r"`label_smoothing` must be in \[0, 1\)"),
+        (dict(mixing_method="cutout"), r"`mixing_method` \(--mixing_method\) must be one of"),
+        (dict(mix_mode="batches"), r"`mix_mode` \(--mix_mode\) must be one of"),
+        (dict(label_smoothing=1.5), r"`label_smoothing` \(--label_smoothing\) must be in \[0, 1\)"),
+        (dict(mix_prob=1.5), r"`mix_prob` \(--mix_prob\) must be a number in \[0.0, 1.0\]"),
+        (dict(cutmix_alpha=-1.0), r"`cutmix_alpha` \(--cutmix_alpha\) must be a number >= 0"),
+        (dict(tl_align_attention_path="fused"), r"`tl_align_attention_path` \(--tl_align_attention_path\) must be"),
     ],
 )
 def test_raises_error_when_mixing_settings_are_wrong(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_args(tmp_path, **overrides)
-
-
-def test_raises_error_when_mix_probability_is_out_of_range(tmp_path):
-    with pytest.raises(ValueError, match="prob"):
-        TLAlignTrainer(model=tiny_model(ViTForImageClassification), args=make_args(tmp_path, mix_prob=1.5))
 
 
 def test_raises_error_when_model_is_unsupported(tmp_path):

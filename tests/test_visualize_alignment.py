@@ -42,7 +42,7 @@ def checkpoint(tmp_path) -> Path:
 def test_recording_model_keeps_every_layer(checkpoint):
     model = viz.recording_model(ViTForImageClassification.from_pretrained(checkpoint))
     examples = [{"pixel_values": torch.randn(3, 16, 16), "label": i % 10} for i in range(6)]
-    batch = TLAlignCollator.from_model(model, method="cutmix", seed=0)(examples)
+    batch = TLAlignCollator.from_model(model, mixing_method="cutmix", seed=0)(examples)
     shares, logits = viz.layer_shares(model, batch)
     assert shares.shape == (LAYERS + 1, 6, 1 + 64)
     assert torch.equal(shares[0, :, 0], batch["mix_lam"])

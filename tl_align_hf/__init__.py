@@ -1,20 +1,16 @@
-"""tl-align-hf: Token-Label Alignment (TL-Align, ICCV 2023) for Hugging Face vision transformers."""
+"""tl-align-hf: Token-Label Alignment (TL-Align, ICCV 2023) for Hugging Face vision transformers.
+
+The public API: the aligned models (and `to_tl_align`), the mixing settings, mixer and collator, the loss, the
+trainer and its config, and the Hub helpers. The data pipeline of the example scripts lives in `tl_align_hf.data`
+and `tl_align_hf.digits`, outside this API.
+"""
 
 from .aligner import TokenLabelAligner
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
-from .data import (
-    check_columns,
-    default_image_processor,
-    eval_collate,
-    label_maps,
-    load_image_dataset,
-    make_transforms,
-    set_train_epoch,
-)
-from .digits import default_digits_dir, write_digits_imagefolder
-from .losses import mixed_soft_targets, mixing_loss, soft_target_cross_entropy
-from .model_card import model_card_text, push_checkpoint_to_hub, write_model_card
+from .losses import alignment_metrics, mixed_batch_loss, mixed_soft_targets, mixing_loss, soft_target_cross_entropy
+from .mixer import MixingSettings, TLAlignMixer, mixing_generator
+from .model_card import push_checkpoint_to_hub, tl_align_model_card
 from .modeling import (
     TLAlignBeitForImageClassification,
     TLAlignCLIPForImageClassification,
@@ -33,9 +29,10 @@ from .modeling import (
 )
 from .trainer import TLAlignTrainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "MixingSettings",
     "TLAlignBeitForImageClassification",
     "TLAlignCLIPForImageClassification",
     "TLAlignCollator",
@@ -46,6 +43,7 @@ __all__ = [
     "TLAlignDinov2WithRegistersForImageClassification",
     "TLAlignIJepaForImageClassification",
     "TLAlignMetaClip2ForImageClassification",
+    "TLAlignMixer",
     "TLAlignMixin",
     "TLAlignSiglipForImageClassification",
     "TLAlignSwinForImageClassification",
@@ -53,20 +51,13 @@ __all__ = [
     "TLAlignViTForImageClassification",
     "TLAlignViTMSNForImageClassification",
     "TokenLabelAligner",
-    "check_columns",
-    "default_digits_dir",
-    "default_image_processor",
-    "eval_collate",
-    "label_maps",
-    "load_image_dataset",
-    "make_transforms",
+    "alignment_metrics",
+    "mixed_batch_loss",
     "mixed_soft_targets",
+    "mixing_generator",
     "mixing_loss",
-    "set_train_epoch",
-    "model_card_text",
     "push_checkpoint_to_hub",
     "soft_target_cross_entropy",
+    "tl_align_model_card",
     "to_tl_align",
-    "write_digits_imagefolder",
-    "write_model_card",
 ]

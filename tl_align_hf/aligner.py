@@ -21,13 +21,13 @@ from typing import Protocol
 
 import torch
 
-MIXING_ARGUMENTS = ("mix_index", "token_weights", "mix_lam")
+from .mixer import MIXING_KEYS
 
 
 def _check_dtypes_and_shapes(
     mix_index: torch.Tensor, token_weights: torch.Tensor, mix_lam: torch.Tensor, batch_size: int, num_patches: int
 ) -> None:
-    for name, value in zip(MIXING_ARGUMENTS, (mix_index, token_weights, mix_lam)):
+    for name, value in zip(MIXING_KEYS, (mix_index, token_weights, mix_lam)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
     if mix_index.dtype.is_floating_point or mix_index.dtype == torch.bool or mix_index.is_complex():
@@ -47,19 +47,27 @@ def _check_dtypes_and_shapes(
         raise ValueError(f"`mix_lam` must have shape ({batch_size},) (one share per image), got {tuple(mix_lam.shape)}.")
 
 
-def _raise_for_values(mix_index: torch.Tensor, token_weights: torch.Tensor, mix_lam: torch.Tensor, batch_size: int):
-    """Name the first argument whose values are out of range (only called once a check has failed)."""
-    if not bool(((mix_index >= 0) & (mix_index < batch_size)).all()):
-        raise ValueError(
-            f"`mix_index` must index into the batch, i.e. hold values in [0, {batch_size}), got values in "
-            f"[{mix_index.min().item()}, {mix_index.max().item()}]."
-        )
-    for name, values in (("token_weights", token_weights), ("mix_lam", mix_lam)):
-        if not bool(((values >= 0) & (values <= 1)).all()):
-            low, high = values.min().item(), values.max().item()
+def _check_values(mix_index: torch.Tensor, token_weights: torch.Tensor, mix_lam: torch.Tensor, batch_size: int):
+    """Value ranges: a ValueError on the CPU (the data is on the host), an asynchronous device assert elsewhere.
+
+    On an accelerator, or while `torch.compile` traces, reading a value back would stall the device's queue (and
+    break the graph), so the check is queued with the computation (`torch._assert_async`) instead.
+    """
+    checks = (
+        ("mix_index", mix_index, 0, batch_size - 1, "index into the batch"),
+        ("token_weights", token_weights, 0, 1, "hold the share of each patch's pixels from the sample itself"),
+        ("mix_lam", mix_lam, 0, 1, "hold the share of each image from the sample itself"),
+    )
+    on_host = mix_index.device.type == "cpu" and not torch.compiler.is_compiling()
+    for name, values, low, high, meaning in checks:
+        in_range = ((values >= low) & (values <= high)).all()
+        message = f"`{name}` must {meaning}, i.e. hold values in [{low}, {high}]"
+        if not on_host:
+            torch._assert_async(in_range, message + " (TLAlignCollator produces valid values).")
+        elif not bool(in_range):
             raise ValueError(
-                f"`{name}` must hold shares in [0, 1], got values in [{low:.4g}, {high:.4g}]. Pass the share of each "
-                "sample's own pixels (TLAlignCollator produces it)."
+                f"{message}, got values in [{values.min().item():.4g}, {values.max().item():.4g}]. Pass the batch "
+                "that TLAlignCollator produces."
             )
 
 
@@ -68,7 +76,7 @@ def validate_mixing_inputs(
 ) -> None:
     """Raise a clear error when the batch-contract tensors do not fit the batch.
 
-    Dtypes and shapes are checked on the host; the value ranges cost one device sync in all (training hot path).
+    Dtypes and shapes are checked on the host; value ranges never cost a device sync (see :func:`_check_values`).
 
     Args:
         mix_index: `(B,)` integer tensor, partner of each sample, values in `[0, B)`.
@@ -78,13 +86,8 @@ def validate_mixing_inputs(
         num_patches: patch tokens per image for the current image size.
     """
     _check_dtypes_and_shapes(mix_index, token_weights, mix_lam, batch_size, num_patches)
-    if batch_size == 0:
-        return
-    in_range = ((mix_index >= 0) & (mix_index < batch_size)).all()
-    in_range &= ((token_weights >= 0) & (token_weights <= 1)).all()
-    in_range &= ((mix_lam >= 0) & (mix_lam <= 1)).all()
-    if not bool(in_range):
-        _raise_for_values(mix_index, token_weights, mix_lam, batch_size)
+    if batch_size:
+        _check_values(mix_index, token_weights, mix_lam, batch_size)
 
 
 class TokenLayout(Protocol):

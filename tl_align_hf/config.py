@@ -6,36 +6,19 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-MIXING_METHODS = ("cutmix", "token_cutmix", "mixup", "token_mix", "none")
-MIXING_MODES = ("batch", "pair", "elem")
+from .attention import ATTENTION_PATHS
+from .mixer import MixingSettings
 
 
 @dataclass
-class TLAlignConfig(TrainingArguments):
+class TLAlignConfig(TrainingArguments, MixingSettings):
     r"""
     Configuration class for [`TLAlignTrainer`]: [`~transformers.TrainingArguments`] plus data mixing and TL-Align.
 
     Parameters:
-        > Parameters that control the data mixing (names as in timm's `Mixup` where the meaning is the same)
-
-        mixing_method (`str`, *optional*, defaults to `"token_cutmix"`):
-            `"cutmix"` (pixel box, fractional patch shares), `"token_cutmix"` (box on the patch grid, the official
-            TL-Align default), `"mixup"`, `"token_mix"` (random patch subset) or `"none"`.
-        mixup_alpha (`float`, *optional*, defaults to `0.0`):
-            Beta(alpha, alpha) parameter of Mixup; with a cut-style method and `cutmix_alpha > 0` too, each draw
-            picks one of the two (see `switch_prob`).
-        cutmix_alpha (`float`, *optional*, defaults to `1.0`):
-            Beta(alpha, alpha) parameter of the CutMix box area.
-        cutmix_minmax (`list[float]` or `None`, *optional*, defaults to `None`):
-            Bounds of the CutMix box side as fractions of the image side; replaces `cutmix_alpha` when set.
-        mix_prob (`float`, *optional*, defaults to `1.0`):
-            Probability that a batch (or element, in `"elem"` mode) is mixed (timm's `prob`).
-        switch_prob (`float`, *optional*, defaults to `0.5`):
-            Probability of the cut-style method rather than Mixup when both alphas are positive (timm's meaning).
-        mix_mode (`str`, *optional*, defaults to `"batch"`):
-            `"batch"`, `"pair"` or `"elem"`: how many mixing draws a batch gets (timm's `mode`).
-        correct_lam (`bool`, *optional*, defaults to `True`):
-            Recompute the area share after clipping the CutMix box at the image border.
+        > Parameters that control the data mixing: the fields of [`MixingSettings`] (`mixing_method`,
+        `mixup_alpha`, `cutmix_alpha`, `cutmix_minmax`, `mix_prob`, `switch_prob`, `mix_mode`, `correct_lam`),
+        which the trainer's mixer consumes as they are.
 
         > Parameters that control TL-Align and the loss
 
@@ -52,28 +35,6 @@ class TLAlignConfig(TrainingArguments):
             Datasets prepared with `with_transform` need their raw image column.
     """
 
-    mixing_method: str = field(
-        default="token_cutmix",
-        metadata={"help": "Mixing method.", "choices": list(MIXING_METHODS)},
-    )
-    mixup_alpha: float = field(default=0.0, metadata={"help": "Beta(alpha, alpha) parameter of Mixup; 0 disables it."})
-    cutmix_alpha: float = field(default=1.0, metadata={"help": "Beta(alpha, alpha) parameter of CutMix; 0 disables it."})
-    cutmix_minmax: list[float] | None = field(
-        default=None,
-        metadata={"help": "Min and max CutMix box side, as fractions of the image side; replaces cutmix_alpha."},
-    )
-    mix_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch or element (timm's prob)."})
-    switch_prob: float = field(
-        default=0.5,
-        metadata={"help": "Probability of the cut-style method rather than Mixup when both alphas are positive."},
-    )
-    mix_mode: str = field(
-        default="batch",
-        metadata={"help": "One mixing draw per batch, per pair or per element (timm's mode).", "choices": list(MIXING_MODES)},
-    )
-    correct_lam: bool = field(
-        default=True, metadata={"help": "Recompute the area share after clipping the CutMix box at the border."}
-    )
     tl_align: bool = field(
         default=True,
         metadata={"help": "Train against the token-label aligned target; False gives plain mixing (area targets)."},
@@ -83,10 +44,7 @@ class TLAlignConfig(TrainingArguments):
     )
     tl_align_attention_path: str = field(
         default="auto",
-        metadata={
-            "help": "How token shares are computed from attention: auto, eager, value_channel or explicit.",
-            "choices": ["auto", "eager", "value_channel", "explicit"],
-        },
+        metadata={"help": "How token shares are computed from attention.", "choices": list(ATTENTION_PATHS)},
     )
     remove_unused_columns: bool = field(
         default=False,
@@ -94,32 +52,17 @@ class TLAlignConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        self._check_mixing_fields()
-        super().__post_init__()
-
-    def _check_mixing_fields(self) -> None:
-        if self.mixing_method not in MIXING_METHODS:
-            raise ValueError(f"`mixing_method` must be one of {MIXING_METHODS}, got {self.mixing_method!r}.")
-        if self.mix_mode not in MIXING_MODES:
-            raise ValueError(f"`mix_mode` must be one of {MIXING_MODES}, got {self.mix_mode!r}.")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing}.")
+        self.check_mixing_settings()
+        if self.tl_align_attention_path not in ATTENTION_PATHS:
+            raise ValueError(
+                f"`tl_align_attention_path` (--tl_align_attention_path) must be one of {', '.join(ATTENTION_PATHS)}; "
+                f"got {self.tl_align_attention_path!r}."
+            )
+        if isinstance(self.label_smoothing, bool) or not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` (--label_smoothing) must be in [0, 1), got {self.label_smoothing!r}.")
         if self.label_smoothing_factor:
             raise ValueError(
-                "TLAlignTrainer smooths labels before mixing: set `label_smoothing` instead of `label_smoothing_factor` "
-                f"(got label_smoothing_factor={self.label_smoothing_factor})."
+                "TLAlignTrainer smooths labels before mixing: set `label_smoothing` (--label_smoothing) instead of "
+                f"`label_smoothing_factor` (got label_smoothing_factor={self.label_smoothing_factor})."
             )
-
-    def collator_kwargs(self) -> dict:
-        """The keyword arguments of `TLAlignCollator` that these settings stand for."""
-        return dict(
-            method=self.mixing_method,
-            mixup_alpha=self.mixup_alpha,
-            cutmix_alpha=self.cutmix_alpha,
-            cutmix_minmax=self.cutmix_minmax,
-            prob=self.mix_prob,
-            switch_prob=self.switch_prob,
-            mode=self.mix_mode,
-            correct_lam=self.correct_lam,
-            seed=self.seed,
-        )
+        super().__post_init__()

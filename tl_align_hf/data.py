@@ -1,31 +1,27 @@
-"""The data pipeline shared by the example scripts: load, check, label maps, transforms, evaluation collate.
+"""The data side of the example scripts: load and check image data sets, label maps, PIL modes, the training
+augmentation sized from the image processor, and evaluation through the image processor itself.
 
-It follows transformers' `examples/pytorch/image-classification/run_image_classification.py` (data sets from
-the Hub or local imagefolders, a validation split carved from train when there is none, label maps with string
-keys, transforms attached with `dataset.with_transform`) so our scripts stay diffable against it, with three
-differences:
+It follows transformers' `examples/pytorch/image-classification/run_image_classification.py` (data sets from the
+Hub or local imagefolders, a validation split carved from train when there is none, label maps with string keys,
+transforms attached with `dataset.with_transform`), with these choices:
 
-- No torchvision. The transforms work on PIL images and return float tensors; the target size, resampling
-  filter, mean and std are read from a transformers image processor (its PIL backend is used without
-  torchvision).
-- Train-time randomness is reproducible and independent of how the data are loaded: each example draws its
-  crop and flip from its own `random.Random`, seeded by (`seed`, epoch, a digest of the example's pixels). The
-  same seed gives the same augmented examples whatever `dataloader_num_workers`, the number of processes, the
-  batch order, or a resume from a checkpoint (a sequential per-worker stream would drift on resume: accelerate
-  fetches one batch ahead and `skip_first_batches` does not fetch the skipped ones). Training loops call
-  `set_train_epoch(train_dataset, epoch)` at the start of every epoch so that each epoch gets fresh crops.
+- Training augmentation is torchvision's `transforms.v2` (random resized crop, optional flip, to float, normalise),
+  sized, resampled and normalised from the checkpoint's image processor. Each example's draws come from the global
+  torch generator seeded by (`seed`, epoch, a digest of the example's pixels), inside `torch.random.fork_rng`, so the
+  same seed gives the same crops whatever `dataloader_num_workers`, the number of processes, the batch order, or a
+  resume from a checkpoint. Training loops call `set_train_epoch(train_dataset, epoch)` at the start of each epoch.
+- Evaluation is the image processor's own `processor(images=..., return_tensors="pt")`: the accuracy reported is
+  measured on exactly the inputs the published checkpoint gets at inference.
+- Images of every PIL mode become 8-bit RGB correctly (16-bit and float greyscale are scaled, not clipped).
 - Checks that name the fix: a wrong column (listing the columns present), a label column that is not a
   `ClassLabel`, an image column that is not an `Image`, label names that differ between splits, an empty split.
 """
-
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +30,12 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
 from PIL import Image
+from torchvision.transforms import v2
+from transformers import ViTImageProcessor
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
 
 logger = logging.getLogger(__name__)
-
-# Fraction of the resized image kept by the eval centre crop (the usual ImageNet 224/256), when neither the
-# caller nor the image processor (`crop_pct`) gives one.
-DEFAULT_CROP_PCT = 0.875
-# How many example digests a train transform remembers to notice that `set_train_epoch` is never called.
-_REPEAT_CHECK_SIZE = 4096
 
 
 # ---------------------------------------------------------------- loading
@@ -176,17 +170,13 @@ def label_maps(dataset: Dataset | DatasetDict, label_column_name: str = "label")
 # ---------------------------------------------------------------- image processor
 
 
-def default_image_processor(image_size: int):
+def default_image_processor(image_size: int) -> ViTImageProcessor:
     """The image processor of the built-in default: a ViT processor, size (image_size, image_size), mean and
     std 0.5, bilinear resampling. Built locally, no Hub access; saves and reloads with `AutoImageProcessor`."""
-    try:  # transformers >= 5 has a PIL backend class; it saves as "ViTImageProcessor" all the same
-        from transformers import ViTImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import ViTImageProcessor as processor_class
-    return processor_class(
+    return ViTImageProcessor(
         do_resize=True,
         size={"height": image_size, "width": image_size},
-        resample=Image.Resampling.BILINEAR,
+        resample=PILImageResampling.BILINEAR,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
@@ -218,93 +208,21 @@ def _size_field(size: Any, key: str) -> int | None:
     return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
 
 
-def _processor_resample(image_processor) -> Image.Resampling:
-    try:
-        return Image.Resampling(int(image_processor.resample))
-    except (AttributeError, TypeError, ValueError):
-        return Image.Resampling.BILINEAR
-
-
-def _processor_mean_std(image_processor) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    if getattr(image_processor, "do_normalize", True) is False:
-        return None, None
-    return getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
-
-
-# ---------------------------------------------------------------- image helpers
+# ---------------------------------------------------------------- images
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, P, RGBA, LA, CMYK, ...) -> RGB; transparency is composited onto white, as in
-    `transformers.image_transforms.convert_to_rgb`."""
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _to_tensor(image: Image.Image, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
-    """RGB image (W, H) -> float32 tensor (3, H, W): values / 255 in [0, 1], then (x - mean) / std."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-    if mean is not None and std is not None:
-        pixels = (pixels - mean) / std
-    return pixels
-
-
-def _as_channel_tensor(values: Sequence[float] | None) -> torch.Tensor | None:
-    """[c0, c1, c2] -> float32 tensor (C, 1, 1) for broadcasting over (C, H, W); None stays None."""
-    return None if values is None else torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
-
-
-def _random_crop_box(
-    rng: random.Random, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
-) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a random crop with area fraction in `scale` and aspect w/h in `ratio`.
-
-    The algorithm of torchvision's `RandomResizedCrop.get_params`: ten tries, then a centre crop of the whole
-    image clamped to `ratio`.
-    """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        crop_w = round(math.sqrt(target_area * aspect))
-        crop_h = round(math.sqrt(target_area / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
-            return left, top, left + crop_w, top + crop_h
-    crop_w, crop_h = width, height
-    if width / height < min(ratio):
-        crop_h = round(width / min(ratio))
-    elif width / height > max(ratio):
-        crop_w = round(height * max(ratio))
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    return left, top, left + crop_w, top + crop_h
-
-
-def _resize_shortest_edge(image: Image.Image, shortest_edge: int, resample: Image.Resampling) -> Image.Image:
-    """Resize keeping the aspect ratio so that min(width, height) == shortest_edge."""
-    width, height = image.size
-    factor = shortest_edge / min(width, height)
-    new_size = (max(shortest_edge, round(width * factor)), max(shortest_edge, round(height * factor)))
-    return image.resize(new_size, resample)
-
-
-def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """The central (height, width) region; the image must be at least that large."""
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-def _example_seed(seed: int, epoch: int, image: Image.Image) -> int:
-    """A 64-bit seed from (seed, epoch, the image's size, mode and pixels): stable across processes."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{image.mode}:{image.size}:".encode(), digest_size=8)
-    digest.update(image.tobytes())
-    return int.from_bytes(digest.digest(), "little")
+    """Any PIL mode -> 8-bit RGB. 16-bit and 32-bit integer greyscale (`I;16`, `I`) are scaled from their range to
+    0..255 and float greyscale (`F`) from [0, 1] (PIL's own `convert` clips them); transparency is composited onto
+    white, by transformers' `convert_to_rgb`."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            high = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            high = 255.0 if values.max(initial=0) <= 255 else 65535.0
+        image = Image.fromarray(np.clip(np.rint(values * (255.0 / high)), 0, 255).astype(np.uint8), mode="L")
+    return convert_to_rgb(image)
 
 
 def _images(batch: Mapping[str, list], image_column_name: str) -> list[Image.Image]:
@@ -315,7 +233,7 @@ def _images(batch: Mapping[str, list], image_column_name: str) -> list[Image.Ima
                 f"Column {image_column_name!r} holds {type(image).__name__}, not PIL images; decode it with "
                 f"dataset = dataset.cast_column({image_column_name!r}, datasets.Image())."
             )
-    return images
+    return [to_rgb(image) for image in images]
 
 
 def _with_labels(batch: Mapping[str, list], label_column_name: str, pixel_values: list) -> dict[str, list]:
@@ -325,113 +243,89 @@ def _with_labels(batch: Mapping[str, list], label_column_name: str, pixel_values
     return output
 
 
+def _example_seed(seed: int, epoch: int, image: Image.Image) -> int:
+    """A 63-bit seed from (seed, epoch, the image's size and pixels): the same in every process and worker."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{image.size}:".encode(), digest_size=8)
+    digest.update(image.tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
 # ---------------------------------------------------------------- transforms
 
 
 @dataclass
 class TrainTransform:
-    """Random resized crop, optional horizontal flip, to tensor, normalise; for `dataset.with_transform`.
+    """torchvision's random resized crop, optional horizontal flip, to float and normalise, for `with_transform`.
 
     Maps a batch {image_column_name: [PIL images], label_column_name: [ints]} to
-    {"pixel_values": [float32 tensors (3, height, width)], "label": [ints]}; images of any mode become RGB.
-    Each example's crop and flip come from `random.Random(hash(seed, epoch, pixels))` (see the module
-    docstring), so results do not depend on workers, ranks, batch order or resuming. Call `set_epoch` (or
+    {"pixel_values": [float32 tensors (3, height, width)], "label": [ints]}. `augmentation` is the torchvision
+    transform applied to each RGB image; `make_transforms` builds it from the image processor. Each example's random
+    draws are seeded by (seed, epoch, the example's pixels), see the module docstring; call `set_epoch` (or
     `set_train_epoch(dataset, epoch)`) at the start of each epoch.
     """
 
     image_column_name: str
     label_column_name: str
-    size: tuple[int, int]
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    horizontal_flip: bool = True
-    resample: Image.Resampling = Image.Resampling.BILINEAR
+    augmentation: Any
     seed: int = 0
-    epoch: int = 0
-    _epoch_was_set: bool = field(default=False, init=False, repr=False)
-    _seen: set | None = field(default_factory=set, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        _check_range("scale", self.scale, upper=1.0)
-        _check_range("ratio", self.ratio)
-        self._mean, self._std = _as_channel_tensor(self.mean), _as_channel_tensor(self.std)
+    epoch: int = field(default=0)
 
     def set_epoch(self, epoch: int) -> None:
         """Use `epoch` in the per-example seeds from now on (fresh crops and flips each epoch)."""
-        self.epoch, self._epoch_was_set = int(epoch), True
+        self.epoch = int(epoch)
 
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
         pixel_values = [self.augment(image) for image in _images(batch, self.image_column_name)]
         return _with_labels(batch, self.label_column_name, pixel_values)
 
     def augment(self, image: Image.Image) -> torch.Tensor:
-        """One PIL image -> float32 tensor (3, height, width), randomised by (seed, epoch, pixels)."""
-        image = to_rgb(image)
-        example_seed = _example_seed(self.seed, self.epoch, image)
-        self._warn_on_repeat(example_seed)
-        rng = random.Random(example_seed)
-        box = _random_crop_box(rng, image.width, image.height, self.scale, self.ratio)
-        height, width = self.size
-        image = image.resize((width, height), self.resample, box=box)
-        if self.horizontal_flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _to_tensor(image, self._mean, self._std)
-
-    def _warn_on_repeat(self, example_seed: int) -> None:
-        """Warn once if an example comes back with the same seed while no epoch was ever set."""
-        if self._epoch_was_set or self._seen is None:
-            return
-        if example_seed in self._seen:
-            logger.warning(
-                "An example was augmented twice with the same crop and flip: call "
-                "set_train_epoch(train_dataset, epoch) at the start of every epoch, or every epoch repeats the "
-                "augmentation of the first (this also shows when the data set holds duplicate images)."
-            )
-            self._seen = None  # warn once
-        elif len(self._seen) < _REPEAT_CHECK_SIZE:
-            self._seen.add(example_seed)
+        """One RGB image -> float32 tensor (3, height, width), randomised by (seed, epoch, pixels)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_example_seed(self.seed, self.epoch, image))
+            return self.augmentation(image)
 
 
 @dataclass
 class EvalTransform:
-    """Resize the shortest edge to floor(max(height, width) / crop_pct), centre crop to (height, width), to
-    tensor, normalise. Deterministic.
+    """The image processor itself: `image_processor(images=..., return_tensors="pt")`, for `with_transform`.
 
     Maps a batch {image_column_name: [PIL images], label_column_name: [ints]} to
-    {"pixel_values": [float32 tensors (3, height, width)], "label": [ints]}. crop_pct=1.0 resizes straight to
-    the target size for square images (the original ViT evaluation).
+    {"pixel_values": [float32 tensors (3, height, width)], "label": [ints]}; images of any mode become RGB first.
     """
 
     image_column_name: str
     label_column_name: str
-    size: tuple[int, int]
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    crop_pct: float = DEFAULT_CROP_PCT
-    resample: Image.Resampling = Image.Resampling.BILINEAR
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}.")
-        self._mean, self._std = _as_channel_tensor(self.mean), _as_channel_tensor(self.std)
+    image_processor: Any
 
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
-        pixel_values = [self.preprocess(image) for image in _images(batch, self.image_column_name)]
-        return _with_labels(batch, self.label_column_name, pixel_values)
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One PIL image -> float32 tensor (3, height, width)."""
-        height, width = self.size
-        image = _resize_shortest_edge(to_rgb(image), math.floor(max(height, width) / self.crop_pct), self.resample)
-        return _to_tensor(_center_crop(image, height, width), self._mean, self._std)
+        images = _images(batch, self.image_column_name)
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return _with_labels(batch, self.label_column_name, list(pixel_values))
 
 
-def _check_range(name: str, bounds: tuple[float, float], upper: float = math.inf) -> None:
-    low, high = bounds
-    if not 0.0 < low <= high <= upper:
-        raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= {upper}, got {bounds!r}.")
+def train_augmentation(
+    image_processor,
+    horizontal_flip: bool = True,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> v2.Compose:
+    """torchvision v2 training augmentation sized, resampled and normalised from `image_processor`.
+
+    `RandomResizedCrop(processor_image_size(...), scale, ratio)` with the processor's resampling filter, an optional
+    `RandomHorizontalFlip` (`horizontal_flip=False` for data whose mirror image is another class, e.g. digits),
+    `ToImage`, `ToDtype(float32, scale=do_rescale)` and `Normalize(image_mean, image_std)` when `do_normalize`.
+    """
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}.")
+    resample = getattr(image_processor, "resample", None)
+    interpolation = pil_torch_interpolation_mapping.get(resample, v2.InterpolationMode.BILINEAR)
+    steps = [v2.RandomResizedCrop(processor_image_size(image_processor), scale, ratio, interpolation, antialias=True)]
+    if horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=getattr(image_processor, "do_rescale", True))]
+    if getattr(image_processor, "do_normalize", False):
+        steps.append(v2.Normalize(image_processor.image_mean, image_processor.image_std))
+    return v2.Compose(steps)
 
 
 def make_transforms(
@@ -440,27 +334,18 @@ def make_transforms(
     label_column_name: str = "label",
     horizontal_flip: bool = True,
     scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    crop_pct: float | None = None,
     seed: int = 0,
+    augmentation: Any = None,
 ) -> tuple[TrainTransform, EvalTransform]:
     """(train_transform, eval_transform) for `dataset.with_transform`, configured from `image_processor`.
 
-    Target size: `processor_image_size(image_processor)`; resampling: the processor's `resample`; mean and std:
-    the processor's `image_mean` / `image_std` (no normalisation when it has none or do_normalize=False).
-    `horizontal_flip=False` for data whose mirror image is another class or no image at all (digits, text).
-    `crop_pct` for evaluation: this argument, else the processor's `crop_pct`, else 0.875.
+    Training: `augmentation` (default: :func:`train_augmentation` of the processor, `horizontal_flip` and `scale`)
+    seeded per example; evaluation: the processor itself.
     """
-    size = processor_image_size(image_processor)
-    mean, std = _processor_mean_std(image_processor)
-    resample = _processor_resample(image_processor)
-    if crop_pct is None:
-        crop_pct = getattr(image_processor, "crop_pct", None) or DEFAULT_CROP_PCT
-    train = TrainTransform(
-        image_column_name, label_column_name, size, mean, std, scale, ratio, horizontal_flip, resample, seed
-    )
-    evaluation = EvalTransform(image_column_name, label_column_name, size, mean, std, crop_pct, resample)
-    return train, evaluation
+    if augmentation is None:
+        augmentation = train_augmentation(image_processor, horizontal_flip, scale)
+    train = TrainTransform(image_column_name, label_column_name, augmentation, seed)
+    return train, EvalTransform(image_column_name, label_column_name, image_processor)
 
 
 def set_train_epoch(dataset: Dataset, epoch: int) -> bool:
@@ -474,19 +359,3 @@ def set_train_epoch(dataset: Dataset, epoch: int) -> bool:
         return False
     transform.set_epoch(epoch)
     return True
-
-
-# ---------------------------------------------------------------- collate
-
-
-def eval_collate(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack examples for unmixed evaluation: {"pixel_values": (B, 3, H, W) float, "labels": (B,) int64}.
-
-    Each example has "pixel_values" (3, H, W) and "label" or "labels"; "labels" is left out when no example
-    has one (prediction on unlabelled data).
-    """
-    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
-    labels = [example.get("labels", example.get("label")) for example in examples]
-    if all(label is not None for label in labels):
-        batch["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.int64)
-    return batch

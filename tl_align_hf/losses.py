@@ -1,8 +1,13 @@
-"""Soft targets and the soft-target cross-entropy of mixed batches (ALGORITHM.md, "Read-out and loss")."""
+"""The loss of a mixed batch (ALGORITHM.md, "Read-out and loss"): soft targets, soft-target cross-entropy, and the
+one function that every entry point (the model's forward, `TLAlignTrainer`, the Accelerate example) calls."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+ALIGNMENT_METRICS = ("mix_lam", "aligned_lam", "alignment_gap")
 
 
 def mixed_soft_targets(
@@ -48,5 +53,102 @@ def mixing_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Soft-target cross-entropy of `(B, C)` ``logits`` against :func:`mixed_soft_targets`."""
+    if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+    _check_labels(logits, labels, mix_index)
     targets = mixed_soft_targets(labels, mix_index, own_share, logits.shape[-1], label_smoothing)
     return soft_target_cross_entropy(logits, targets, reduction)
+
+
+def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.Tensor) -> None:
+    """Shapes and dtypes on the host; value ranges only where they cost no device sync (CPU, not compiling)."""
+    batch_size, num_classes = logits.shape[0], logits.shape[-1]
+    for name, value in (("labels", labels), ("mix_index", mix_index)):
+        if value.dtype.is_floating_point or value.dtype == torch.bool or tuple(value.shape) != (batch_size,):
+            raise ValueError(
+                f"`{name}` must be a ({batch_size},) integer tensor (one entry per image of the logits), got dtype "
+                f"{value.dtype} and shape {tuple(value.shape)}."
+            )
+    if labels.device.type != "cpu" or torch.compiler.is_compiling() or not batch_size:
+        return
+    for name, value, high, fix in (
+        ("labels", labels, num_classes, f"class ids of these {num_classes}-class logits; check the label column"),
+        ("mix_index", mix_index, batch_size, "positions in the batch, as the collator gives them"),
+    ):
+        if value.min() < 0 or value.max() >= high:
+            raise ValueError(
+                f"`{name}` must hold values in [0, {high}) ({fix}), got values in [{int(value.min())}, "
+                f"{int(value.max())}]."
+            )
+
+
+def _head_logits(outputs) -> list[torch.Tensor]:
+    """The classification heads trained on the target: DeiT with teacher has two, every other model one."""
+    cls_logits, distillation_logits = getattr(outputs, "cls_logits", None), getattr(outputs, "distillation_logits", None)
+    if cls_logits is not None and distillation_logits is not None:
+        return [cls_logits, distillation_logits]
+    return [outputs.logits]
+
+
+def mixed_batch_loss(
+    outputs,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    tl_align: bool = True,
+    label_smoothing: float = 0.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    num_processes: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a mixed batch and its alignment sums: the one place this is computed.
+
+    Args:
+        outputs: the model's output for the mixed ``batch["pixel_values"]``: ``logits`` (DeiT with teacher:
+            ``cls_logits`` and ``distillation_logits``, both trained on the same target, losses averaged) and, with
+            ``tl_align``, ``aligned_lam`` `(B,)` (from an aligned forward).
+        batch: ``labels`` `(B,)` each sample's own class, ``mix_index`` `(B,)` and ``mix_lam`` `(B,)`, as
+            :class:`TLAlignCollator` gives them.
+        tl_align: target share ``aligned_lam`` (TL-Align) or the area share ``mix_lam`` (plain mixing).
+        label_smoothing: smoothing of each one-hot before mixing, in [0, 1).
+        num_items_in_batch: ``None`` averages over this batch; otherwise the loss is the sum over this batch
+            divided by it, the number of samples of all the micro-batches (and processes) of one optimizer step, so
+            that gradient accumulation gives the gradient of one large batch.
+        num_processes: processes whose gradients DDP averages; with ``num_items_in_batch`` counted over all of
+            them, the loss is multiplied by it so that the average is the gradient of the global sum / count.
+    Returns:
+        ``loss`` (a scalar) and ``alignment_sums``, float32 on the batch's device, no gradient: `(2,)`
+        ``[samples, sum mix_lam]`` for plain mixing, `(4,)` ``[samples, sum mix_lam, sum aligned_lam,
+        sum |aligned_lam - mix_lam|]`` for TL-Align. Add them over steps and processes and read them with
+        :func:`alignment_metrics`; nothing here waits for the device.
+    """
+    mix_lam = batch["mix_lam"]
+    if tl_align:
+        own_share = getattr(outputs, "aligned_lam", None)
+        if own_share is None:
+            raise ValueError(
+                "tl_align=True needs `outputs.aligned_lam`: call the aligned model with the batch's mix_index, "
+                "token_weights and mix_lam (or pass tl_align=False for the area target)."
+            )
+    else:
+        own_share = mix_lam
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    head_losses = [
+        mixing_loss(logits, batch["labels"], batch["mix_index"], own_share, label_smoothing, reduction)
+        for logits in _head_logits(outputs)
+    ]
+    loss = sum(head_losses) / len(head_losses)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch * num_processes
+    with torch.no_grad():
+        mix_lam, own_share = mix_lam.float(), own_share.float()
+        sums = [torch.ones_like(mix_lam).sum(), mix_lam.sum()]
+        if tl_align:
+            sums += [own_share.sum(), (own_share - mix_lam).abs().sum()]
+    return loss, torch.stack(sums)
+
+
+def alignment_metrics(alignment_sums: torch.Tensor) -> dict[str, float]:
+    """`{"mix_lam", "aligned_lam", "alignment_gap"}` means from summed :func:`mixed_batch_loss` sums (one sync)."""
+    count, *sums = alignment_sums.tolist()
+    if count == 0:
+        return {}
+    return {name: value / count for name, value in zip(ALIGNMENT_METRICS, sums)}

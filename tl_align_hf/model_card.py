@@ -1,4 +1,12 @@
-"""Model cards for TL-Align checkpoints, and pushing a saved checkpoint folder to the Hugging Face Hub.
+"""Model cards for TL-Align checkpoints, on huggingface_hub's `ModelCard`, and pushing a checkpoint folder to the Hub.
+
+`tl_align_model_card(trainer)` starts from what transformers' `Trainer` puts into its own card
+(`transformers.modelcard.TrainingSummary.from_trainer`: model name, base model, tasks, datasets, tags,
+hyperparameters, evaluation results and the training log table) and adds the TL-Align parts: what TL-Align does,
+every mixing setting, how to load the checkpoint with plain transformers, and the citation. The front matter is a
+`ModelCardData` (library, pipeline tag, tags `tl-align` and `token-label-alignment`, base model, datasets, and the
+accuracies as `model-index`); the text is rendered from `MODEL_CARD_TEMPLATE` by `ModelCard.from_template`.
+`model_card(...)` makes the same card from explicit values, for training loops without a `Trainer`.
 
 A checkpoint saved from a `TLAlign*ForImageClassification` is a plain transformers checkpoint (its
 `config.architectures` names the parent class), so the card tells users to load it with plain transformers.
@@ -6,20 +14,32 @@ A checkpoint saved from a `TLAlign*ForImageClassification` is a plain transforme
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers.modelcard import TrainingSummary, make_markdown_table
+
+from .config import TLAlignConfig
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 PAPER_URL = "https://arxiv.org/abs/2210.06455"
 CARD_TAGS = ["image-classification", "vision", "tl-align", "token-label-alignment"]
+# The mixing fields of `TLAlignConfig`, in the order the card lists them.
+MIXING_FIELDS = (
+    "mixing_method", "mixup_alpha", "cutmix_alpha", "cutmix_minmax", "mix_prob", "switch_prob", "mix_mode", "correct_lam"
+)  # fmt: skip
 # Never pushed by `push_checkpoint_to_hub`: intermediate Trainer checkpoints and TensorBoard logs.
-PUSH_IGNORE_PATTERNS = ["checkpoint-*/", "runs/"]
+PUSH_IGNORE_PATTERNS = ["checkpoint-*/", "step_*/", "epoch_*/", "runs/"]  # Trainer and no-Trainer checkpoints
 DEFAULT_COMMIT_MESSAGE = "Upload image classifier fine-tuned with TL-Align"
-
 MIXING_METHOD_DESCRIPTIONS = {
     "cutmix": "CutMix: a box of pixels from a partner image (patch shares fractional at the box edges)",
     "token_cutmix": "CutMix with the box on the patch grid (the official TL-Align default)",
@@ -27,9 +47,11 @@ MIXING_METHOD_DESCRIPTIONS = {
     "token_mix": "random patches taken from a partner image",
     "none": "no mixing",
 }
-# Trainer's speed metrics are about the machine, not the model: left out of the results table.
-_SPEED_METRIC_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# Not about the model: left out of the results (Trainer's speed metrics, and where in training they were taken).
+_NOT_RESULTS = re.compile(r"(.*(runtime|samples_per_second|steps_per_second|preparation_time))|epoch|step|total_flos")
+_ACCURACY = re.compile(r"(?:eval_|test_)?(?:top(\d+)_)?accuracy")
+_FRAMEWORKS = {"Transformers": "transformers", "PyTorch": "torch", "Datasets": "datasets",
+               "huggingface_hub": "huggingface_hub", "tl-align-hf": "tl-align-hf"}  # name -> distribution
 _CITATION = """@inproceedings{xiao2023tlalign,
   title     = {Token-Label Alignment for Vision Transformers},
   author    = {Xiao, Han and Zheng, Wenzhao and Zhu, Zheng and Zhou, Jie and Lu, Jiwen},
@@ -37,162 +59,65 @@ _CITATION = """@inproceedings{xiao2023tlalign,
   year      = {2023}
 }"""
 
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
 
-def _hub_id_or_none(name: str | None) -> str | None:
-    """`name` when it looks like a Hub repo id (`org/name` or `name`), `None` for local paths and empty values."""
-    if not name or os.path.exists(name) or not _HUB_ID.fullmatch(name):
-        return None
-    return name
+# {{ model_name }}
 
+A `{{ parent_class }}` image classifier {{ origin }} on {{ dataset_text }}, with {{ training }} (`tl-align-hf`: \
+TL-Align for Hugging Face transformers).
 
-def _as_number(value: Any) -> float | None:
-    """`value` as a finite float (Python, NumPy or 0-d tensor numbers), `None` for anything else."""
-    if isinstance(value, (bool, str, bytes)):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return number if math.isfinite(number) else None
+## Token-Label Alignment
 
+Mixing augmentations (CutMix, Mixup, token mixing) build each training image from two images and usually mix the two \
+labels by area. In a vision transformer, self-attention moves information between tokens, so the share of each image \
+that reaches the class token drifts away from that area share. [TL-Align]({{ paper_url }}) (Xiao et al., *Token-Label \
+Alignment for Vision Transformers*, ICCV 2023, arXiv 2210.06455) traces each token's label share through every \
+attention layer, using the attention weights the model already computes, and trains against the share that actually \
+reaches the class token.
 
-def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The finite numeric entries of `metrics`, without Trainer's speed metrics."""
-    numbers = {name: _as_number(value) for name, value in metrics.items() if not name.endswith(_SPEED_METRIC_SUFFIXES)}
-    return {name: number for name, number in numbers.items() if number is not None}
+{{ this_run }} TL-Align changes only the training target and adds no parameters, so the saved checkpoint is an \
+ordinary transformers checkpoint and inference costs exactly what the base architecture costs.
 
+## Training procedure
 
-def _accuracy_metrics(metrics: dict[str, float]) -> list[tuple[str, float, int]]:
-    """`(name, value, k)` for top-k accuracies: `accuracy` is top-1, `top5_accuracy` top-5 (`eval_`/`test_` prefix
-    allowed), ordered by k."""
-    found = []
-    for name, value in metrics.items():
-        match = re.fullmatch(r"(?:eval_|test_)?(?:top(\d+)_)?accuracy", name)
-        if match is not None:
-            found.append((name, value, int(match.group(1) or 1)))
-    return sorted(found, key=lambda item: item[2])
+### TL-Align and mixing settings
 
+| Setting | Value |
+|---|---|
+{% for name, value in settings %}| {{ name }} | {{ value }} |
+{% endfor %}
+### Training hyperparameters
+{% if hyperparameters %}
+The following hyperparameters were used during training:
 
-def _eval_results(metrics: dict[str, float], dataset: str | None) -> list[EvalResult]:
-    """model-index entries for the accuracies in `metrics` (none when there is no accuracy)."""
-    dataset_name = dataset or "custom"
-    return [
-        EvalResult(
-            task_type="image-classification",
-            task_name="Image Classification",
-            dataset_type=_hub_id_or_none(dataset) or "imagefolder",
-            dataset_name=dataset_name,
-            metric_type="accuracy",
-            metric_name=f"Top-{k} accuracy",
-            metric_config=None if k == 1 else f"top{k}",
-            metric_value=value,
-        )
-        for _, value, k in _accuracy_metrics(metrics)
-    ]
+{% for name, value in hyperparameters.items() %}- {{ name }}: {{ value }}
+{% endfor %}{% else %}
+No training hyperparameters were recorded.
+{% endif %}{% if training_results %}
+### Training results
 
+{{ training_results }}{% endif %}
+## Evaluation results
+{% if results %}
+| Metric | Value |
+|---|---|
+{% for name, value in results.items() %}| {{ name }} | {{ "%.4g" | format(value) }} |
+{% endfor %}{% else %}
+No evaluation results were recorded for this checkpoint.
+{% endif %}
+## How to use
 
-def _card_data(
-    base_model: str | None, dataset: str | None, metrics: dict[str, float], model_name: str
-) -> ModelCardData:
-    """The YAML front matter: library, tags, base model and dataset (when Hub ids), accuracy as model-index."""
-    eval_results = _eval_results(metrics, dataset)
-    hub_dataset = _hub_id_or_none(dataset)
-    return ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=list(CARD_TAGS),
-        base_model=_hub_id_or_none(base_model),
-        datasets=[hub_dataset] if hub_dataset else None,
-        metrics=["accuracy"] if eval_results else None,
-        model_name=model_name if eval_results else None,
-        eval_results=eval_results or None,
-    )
-
-
-def _mixing_method(mixing: dict[str, Any]) -> str | None:
-    """The mixing method of a collator-kwargs (`method`) or config (`mixing_method`) dict."""
-    return mixing.get("method", mixing.get("mixing_method"))
-
-
-def _linked(name: str | None, hub_prefix: str, missing: str) -> str:
-    """`name` as a link to its Hub page when it is a Hub id, as code otherwise, `missing` when there is none."""
-    if _hub_id_or_none(name):
-        return f"[`{name}`](https://huggingface.co/{hub_prefix}{name})"
-    return f"`{name}`" if name else missing
-
-
-def _intro(base_model: str | None, dataset: str | None, model_name: str, parent_class: str, tl_align: bool) -> str:
-    """The title and the first paragraph: what the model is, where it comes from, how it was trained."""
-    origin = f"fine-tuned from {_linked(base_model, '', '')}" if base_model else "trained from a fresh initialisation"
-    data = _linked(dataset, "datasets/", "an image classification dataset")
-    if tl_align:
-        training = "with **Token-Label Alignment (TL-Align)** on mixed images"
-    else:
-        training = "with plain data mixing and area-proportional targets (the baseline of TL-Align)"
-    return (
-        f"# {model_name}\n\n"
-        f"A `{parent_class}` image classifier {origin} on {data}, trained {training} "
-        "using `tl-align-hf` (TL-Align for Hugging Face transformers).\n"
-    )
-
-
-def _method_section(tl_align: bool) -> str:
-    """What TL-Align does, and why the checkpoint needs nothing extra at inference."""
-    if tl_align:
-        this_run = "This model was trained against the aligned target."
-    else:
-        this_run = "This model was **not** trained with alignment: it is the plain-mixing baseline."
-    return (
-        "## Token-Label Alignment\n\n"
-        "Mixing augmentations (CutMix, Mixup, token mixing) build each training image from two images and usually "
-        "mix the two labels by area. In a vision transformer, self-attention moves information between tokens, so "
-        "the share of each image that reaches the class token drifts away from that area share. "
-        f"[TL-Align]({PAPER_URL}) (Xiao et al., *Token-Label Alignment for Vision Transformers*, ICCV 2023, "
-        "arXiv 2210.06455) traces each token's label share through every attention layer, using the attention "
-        "weights the model already computes, and trains against the share that actually reaches the class token.\n\n"
-        f"{this_run} TL-Align changes only the training target and adds no parameters, so the saved checkpoint is "
-        "an ordinary transformers checkpoint and inference costs exactly what the base architecture costs.\n"
-    )
-
-
-def _settings_section(mixing: dict[str, Any], tl_align: bool, label_smoothing: float) -> str:
-    """The training settings table: TL-Align, label smoothing and every mixing parameter."""
-    rows = [
-        ("TL-Align", "on (aligned targets)" if tl_align else "off (area-mixed targets, baseline)"),
-        ("label smoothing", f"{label_smoothing:g}"),
-    ]
-    method = _mixing_method(mixing)
-    if method is not None:
-        rows.append(("mixing method", f"`{method}`: {MIXING_METHOD_DESCRIPTIONS.get(method, 'custom')}"))
-    for name, value in mixing.items():
-        if name not in ("method", "mixing_method"):
-            rows.append((name, f"`{value}`"))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"## Training settings\n\n| Setting | Value |\n|---|---|\n{table}\n"
-
-
-def _results_section(metrics: dict[str, float]) -> str:
-    """The evaluation results table (all numeric metrics but speed), or a note that there are none."""
-    if not metrics:
-        return "## Evaluation results\n\nNo evaluation results were recorded for this checkpoint.\n"
-    table = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
-    return f"## Evaluation results\n\n| Metric | Value |\n|---|---|\n{table}\n"
-
-
-def _usage_section(repo_id: str | None, parent_class: str, model_class_name: str) -> str:
-    """How to run the model with plain transformers, and how to keep training it with TL-Align."""
-    source = repo_id or "path/to/this/checkpoint"
-    return f"""## How to use
-
-The checkpoint loads with plain transformers as a `{parent_class}`; `tl_align_hf` is not needed at inference.
+The checkpoint loads with plain transformers as a `{{ parent_class }}`; `tl_align_hf` is not needed at inference.
 
 ```python
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-processor = AutoImageProcessor.from_pretrained("{source}")
-model = AutoModelForImageClassification.from_pretrained("{source}")
+processor = AutoImageProcessor.from_pretrained("{{ source }}")
+model = AutoModelForImageClassification.from_pretrained("{{ source }}")
 
 image = Image.open("image.jpg").convert("RGB")
 inputs = processor(images=image, return_tensors="pt")
@@ -201,65 +126,291 @@ with torch.no_grad():
 print(model.config.id2label[logits.argmax(-1).item()])
 ```
 
-To fine-tune it further with TL-Align, load it with `tl_align_hf.{model_class_name}.from_pretrained("{source}")`.
-"""
+To keep training it with TL-Align, pass the loaded model to `tl_align_hf.TLAlignTrainer`: it converts the model in \
+place, adding no weights.
+
+## Citation
+
+```bibtex
+{{ citation }}
+```
+
+## Framework versions
+
+{% for name, version in versions %}- {{ name }} {{ version }}
+{% endfor %}"""
 
 
-def model_card_text(
+def _hub_id_or_none(name: Any) -> str | None:
+    """`name` when it is a Hub repo id (`namespace/name` or `name`), `None` for local paths and empty values."""
+    if not name or not isinstance(name, str) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    """`value` as a list of its non-empty entries (one string becomes a one-item list)."""
+    values = [value] if isinstance(value, str) else list(value or [])
+    return [item for item in values if item]
+
+
+def _numeric_results(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The finite numeric entries of `metrics`, without speed metrics and the epoch/step they were taken at."""
+    results = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, (bool, str, bytes)) or _NOT_RESULTS.fullmatch(name.lower().replace(" ", "_")):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if math.isfinite(number):
+            results[name] = number
+    return results
+
+
+def _accuracy_results(
+    results: dict[str, float], dataset_name: str | None, dataset_type: str | None, dataset_config: str | None
+) -> list[EvalResult]:
+    """model-index entries for the top-k accuracies among `results` (`accuracy`, `Top5 Accuracy`, `eval_...`)."""
+    accuracies = {}
+    for name, value in results.items():
+        if match := _ACCURACY.fullmatch(name.lower().replace(" ", "_")):
+            accuracies[int(match.group(1) or 1)] = value
+    return [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset_type or _hub_id_or_none(dataset_name) or "imagefolder",
+            dataset_name=dataset_name or "custom",
+            dataset_config=dataset_config,
+            metric_type="accuracy",
+            metric_name=f"Top-{k} accuracy",
+            metric_config=None if k == 1 else f"top{k}",
+            metric_value=accuracies[k],
+        )
+        for k in sorted(accuracies)
+    ]
+
+
+def _linked(name: str, hub_prefix: str) -> str:
+    """`name` as a link to its Hub page when it is a Hub id, as code otherwise."""
+    return f"[`{name}`](https://huggingface.co/{hub_prefix}{name})" if _hub_id_or_none(name) else f"`{name}`"
+
+
+def _settings_rows(mixing: dict[str, Any], tl_align: bool, label_smoothing: float) -> list[tuple[str, str]]:
+    """The rows of the settings table: TL-Align, label smoothing and every mixing setting."""
+    rows = [
+        ("TL-Align", "on (aligned targets)" if tl_align else "off (area-mixed targets, the baseline)"),
+        ("label smoothing", f"{label_smoothing:g}"),
+    ]
+    for name, value in mixing.items():
+        description = MIXING_METHOD_DESCRIPTIONS.get(value, "custom") if name == "mixing_method" else None
+        rows.append((name, f"`{value}`: {description}" if description else f"`{value}`"))
+    return rows
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    """The installed versions of the libraries a checkpoint is trained and loaded with."""
+    versions = []
+    for name, distribution in _FRAMEWORKS.items():
+        try:
+            versions.append((name, metadata.version(distribution)))
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _check_settings(mixing: dict[str, Any], label_smoothing: float) -> None:
+    """ValueError naming the setting unless `mixing` holds only mixing fields and `label_smoothing` is in [0, 1)."""
+    unknown = sorted(set(mixing) - set(MIXING_FIELDS))
+    if unknown:
+        raise ValueError(f"`mixing` has unknown settings {unknown}; use the TLAlignConfig fields {list(MIXING_FIELDS)}.")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+        raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+
+
+def model_card(
     *,
-    base_model: str | None,
-    dataset: str | None,
-    mixing: dict,
+    model_class_name: str,
+    mixing: dict[str, Any],
     tl_align: bool,
     label_smoothing: float,
-    metrics: dict,
-    model_class_name: str,
-    repo_id: str | None,
-) -> str:
-    """A Hub README.md for a checkpoint trained with tl-align-hf.
+    finetuned_from: str | None = None,
+    dataset: str | list[str] | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    eval_results: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset_config: str | None = None,
+    tags: str | list[str] | None = None,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    training_results: str | None = None,
+) -> ModelCard:
+    """The Hub model card of a checkpoint trained with tl-align-hf, from explicit values: what a training loop
+    without a `Trainer` (the no-Trainer example) knows; `tl_align_model_card` fills it from a `Trainer`.
 
     Args:
-        base_model: Hub id (or local path) the model was fine-tuned from; `None` for a fresh initialisation.
-            Only Hub ids go into the front matter.
-        dataset: Hub dataset id (or local name/path) trained on; only Hub ids go into the front matter.
-        mixing: the mixing settings, e.g. `TLAlignConfig.collator_kwargs()` (`method` or `mixing_method`, alphas,
-            probabilities, mode); every entry is listed.
+        model_class_name: the class trained, e.g. `"TLAlignViTForImageClassification"`; the card names the plain
+            transformers class the checkpoint loads as (`"ViTForImageClassification"`).
+        mixing: the mixing settings, keyed by the `TLAlignConfig` fields (`mixing_method`, `mixup_alpha`,
+            `cutmix_alpha`, `cutmix_minmax`, `mix_prob`, `switch_prob`, `mix_mode`, `correct_lam`); all are listed.
         tl_align: whether training used the aligned target (`False`: the plain-mixing baseline).
         label_smoothing: smoothing of each one-hot before mixing, in [0, 1).
-        metrics: final evaluation metrics, e.g. `{"eval_accuracy": 0.93, "eval_top5_accuracy": 0.99}`. Top-k
-            accuracies (`[eval_|test_][topK_]accuracy`) also go into the front matter's `model-index`.
-        model_class_name: the training class, e.g. `"TLAlignViTForImageClassification"`; the card names the plain
-            transformers class it saves as (`"ViTForImageClassification"`).
-        repo_id: the Hub repo the card is for (used in the usage snippet and as the model name).
+        finetuned_from: the Hub id (or local path) of the starting checkpoint; `None`: trained from scratch.
+        dataset: dataset name(s) or Hub id(s).
+        hyperparameters: `{name: value}` listed under "Training hyperparameters".
+        eval_results: final evaluation metrics, e.g. `{"eval_accuracy": 0.93, "eval_top5_accuracy": 0.99}`;
+            speed metrics are left out, top-k accuracies also go into the `model-index`.
+        repo_id: the Hub repo the card is for (the usage snippet, and the default model name).
+        model_name, dataset_tags, dataset_config, tags, language, license: front matter, as in
+            `Trainer.create_model_card` (`dataset_tags` default to the Hub ids among `dataset`).
+        training_results: a markdown table of the evaluations during training.
+
+    Raises:
+        ValueError: `mixing` has a key that is not a mixing field, or `label_smoothing` is outside [0, 1).
+    """
+    _check_settings(mixing, label_smoothing)
+    parent_class = model_class_name.removeprefix("TLAlign")
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"{parent_class}-tl-align")
+    datasets, dataset_tags = _as_list(dataset), _as_list(dataset_tags)
+    results = _numeric_results(eval_results)
+    model_index = _accuracy_results(results, next(iter(datasets), None), next(iter(dataset_tags), None), dataset_config)
+    card_data = ModelCardData(
+        language=language,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=list(dict.fromkeys([*_as_list(tags), *CARD_TAGS])),
+        base_model=_hub_id_or_none(finetuned_from),
+        datasets=dataset_tags or [name for name in datasets if _hub_id_or_none(name)] or None,
+        metrics=["accuracy"] if model_index else None,
+        model_name=model_name if model_index else None,
+        eval_results=model_index or None,
+    )
+    if tl_align:
+        training = "**Token-Label Alignment (TL-Align)** on mixed images"
+        this_run = "It was trained against the aligned target."
+    else:
+        training = "plain data mixing and area-proportional targets (the baseline of TL-Align)"
+        this_run = "It was **not** trained with alignment: it is the plain-mixing baseline."
+    return ModelCard.from_template(
+        card_data,
+        template_str=MODEL_CARD_TEMPLATE,
+        model_name=model_name,
+        parent_class=parent_class,
+        origin=f"fine-tuned from {_linked(finetuned_from, '')}" if finetuned_from else "trained from scratch",
+        dataset_text=" and ".join(_linked(name, "datasets/") for name in datasets) or "an image classification dataset",
+        training=training,
+        this_run=this_run,
+        paper_url=PAPER_URL,
+        settings=_settings_rows(mixing, tl_align, label_smoothing),
+        hyperparameters=hyperparameters,
+        training_results=training_results,
+        results=results,
+        source=repo_id or "path/to/this/checkpoint",
+        citation=_CITATION,
+        versions=_framework_versions(),
+    )
+
+
+def _training_settings(args: Any) -> tuple[dict[str, Any], bool, float]:
+    """The mixing settings, `tl_align` and `label_smoothing` of `args`; `TLAlignConfig`'s defaults for the fields
+    that `args` lacks (a plain `TrainingArguments`)."""
+    defaults = {item.name: item.default for item in dataclasses.fields(TLAlignConfig)}
+    values = {name: getattr(args, name, defaults[name]) for name in (*MIXING_FIELDS, "tl_align", "label_smoothing")}
+    return {name: values[name] for name in MIXING_FIELDS}, values["tl_align"], values["label_smoothing"]
+
+
+def tl_align_model_card(
+    trainer: Trainer,
+    *,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+    tags: str | list[str] | None = None,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    mixing: dict[str, Any] | None = None,
+    tl_align: bool | None = None,
+    label_smoothing: float | None = None,
+) -> ModelCard:
+    """The Hub model card (README.md) of a model trained by `trainer` with tl-align-hf (see `model_card`).
+
+    The keyword arguments up to `license` are those of `Trainer.create_model_card`, and are used as transformers
+    uses them (`TrainingSummary.from_trainer`): defaults for the base model (the model's `name_or_path` when it is
+    not a local folder), the model name (the name of `output_dir`) and the dataset tags (a `datasets` split's
+    builder); the tag `generated_from_trainer` is added. Save the card with
+    `tl_align_model_card(trainer, **kwargs).save(os.path.join(trainer.args.output_dir, "README.md"))`.
+
+    Args:
+        trainer: a `transformers.Trainer` (e.g. a `TLAlignTrainer`) after training and evaluation; its
+            `state.log_history` gives the results and the training log table, its `args` the hyperparameters and
+            the TL-Align settings (`mixing_method`, ..., `tl_align`, `label_smoothing`; `TLAlignConfig`'s defaults
+            for the ones a plain `TrainingArguments` lacks).
+        model_name, finetuned_from, tasks, dataset, dataset_tags, dataset_args, tags, language, license: as in
+            `Trainer.create_model_card`. `tasks` defaults to `"image-classification"`.
+        mixing: mixing settings that override `trainer.args`, keyed by the `TLAlignConfig` fields
+            (`mixing_method`, `mixup_alpha`, `cutmix_alpha`, `cutmix_minmax`, `mix_prob`, `switch_prob`,
+            `mix_mode`, `correct_lam`).
+        tl_align: overrides `trainer.args.tl_align` (whether training used the aligned target).
+        label_smoothing: overrides `trainer.args.label_smoothing`, in [0, 1).
 
     Returns:
-        The README.md text: YAML front matter (`library_name: transformers`, tags `image-classification`,
-        `vision`, `tl-align`, `token-label-alignment`, `base_model`, `datasets`, `model-index`), then the model
-        description, TL-Align, training settings, evaluation results, usage and citation.
+        A `huggingface_hub.ModelCard`. `card.data` holds `library_name: transformers`,
+        `pipeline_tag: image-classification`, the tags (the Trainer's, then `image-classification`, `vision`,
+        `tl-align`, `token-label-alignment`), `base_model` (Hub ids only), `datasets` and the top-k accuracies as
+        `model-index`; the text has the TL-Align section, the settings table, the hyperparameters, the training
+        log, the evaluation results, how to load the checkpoint with plain transformers, and the citation.
+
+    Raises:
+        ValueError: `mixing` has a key that is not a mixing field, or `label_smoothing` is outside [0, 1).
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}.")
-    parent_class = model_class_name.removeprefix("TLAlign")
-    model_name = repo_id.split("/")[-1] if repo_id else f"{parent_class}-tl-align"
-    numeric_metrics = _numeric_metrics(metrics)
-    card_data = _card_data(base_model, dataset, numeric_metrics, model_name)
-    sections = [
-        _intro(base_model, dataset, model_name, parent_class, tl_align),
-        _method_section(tl_align),
-        _settings_section(mixing, tl_align, label_smoothing),
-        _results_section(numeric_metrics),
-        _usage_section(repo_id, parent_class, model_class_name),
-        f"## Citation\n\n```bibtex\n{_CITATION}\n```\n",
-    ]
-    return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections)
-
-
-def write_model_card(output_dir: str | Path, **card_fields: Any) -> Path:
-    """Write `model_card_text(**card_fields)` to `output_dir/README.md` (replacing it) and return that path."""
-    path = Path(output_dir) / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(model_card_text(**card_fields), encoding="utf-8")
-    return path
+    args_mixing, args_tl_align, args_label_smoothing = _training_settings(trainer.args)
+    mixing = {**args_mixing, **(mixing or {})}
+    tl_align = args_tl_align if tl_align is None else tl_align
+    label_smoothing = args_label_smoothing if label_smoothing is None else label_smoothing
+    _check_settings(mixing, label_smoothing)  # before `from_trainer`, which may ask the Hub for a license
+    summary = TrainingSummary.from_trainer(
+        trainer,
+        language=language,
+        license=license,
+        tags=_as_list(tags) or None,  # a copy: from_trainer appends to it
+        model_name=model_name,
+        finetuned_from=finetuned_from,
+        tasks=tasks if tasks is not None else "image-classification",
+        dataset_tags=dataset_tags,
+        dataset=dataset,
+        dataset_args=dataset_args,
+    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return model_card(
+        model_class_name=getattr(model, "tl_align_parent", type(model)).__name__,  # what the checkpoint loads as
+        mixing=mixing,
+        tl_align=tl_align,
+        label_smoothing=label_smoothing,
+        finetuned_from=summary.finetuned_from or None,
+        dataset=summary.dataset,
+        hyperparameters=summary.hyperparameters,
+        eval_results=summary.eval_results,
+        repo_id=getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id,
+        model_name=summary.model_name,
+        dataset_tags=summary.dataset_tags,
+        dataset_config=next(iter(_as_list(summary.dataset_args)), None),
+        tags=summary.tags,
+        language=summary.language,
+        license=summary.license,
+        training_results=make_markdown_table(summary.eval_lines) if summary.eval_lines else None,
+    )
 
 
 def push_checkpoint_to_hub(
@@ -273,11 +424,11 @@ def push_checkpoint_to_hub(
     """Upload a saved checkpoint folder (weights, config, image processor, README.md) to a Hub model repo.
 
     Creates the repo if needed (`exist_ok`), and the branch `revision` if given, then uploads the folder in one
-    commit, leaving out `checkpoint-*/` subfolders and `runs/`. Files identical to those on the Hub are not sent
-    again; when nothing changed no commit is made and the current head is returned.
+    commit (`HfApi.upload_folder`), leaving out `checkpoint-*/` subfolders and `runs/`. Files identical to those on
+    the Hub are not sent again; when nothing changed no commit is made and the current head is returned.
 
     Args:
-        folder: the directory written by `save_pretrained` (and `write_model_card`).
+        folder: the directory written by `save_pretrained` (and the model card).
         repo_id: `"namespace/name"`, or `"name"` for the token's own namespace.
         token: a Hub token with write access; `None` uses the saved login (`hf auth login`) or `HF_TOKEN`.
         private: create the repo as private (no effect when it exists).
@@ -288,9 +439,17 @@ def push_checkpoint_to_hub(
         The URL of the commit on the Hub (it ends with the commit id).
 
     Raises:
+        ValueError: `repo_id` is not a Hub repo id.
         NotADirectoryError: `folder` is not a directory.
         huggingface_hub.errors.HfHubHTTPError: the Hub refused, e.g. status 401 for a missing or invalid token.
     """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"`repo_id` must be a Hub repo id, 'namespace/name' or 'name' (letters, digits, '-', '_', '.'), "
+            f"got {repo_id!r}: {error}"
+        ) from error
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"`folder` must be a checkpoint directory written by save_pretrained: {folder}")

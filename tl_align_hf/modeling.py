@@ -38,14 +38,15 @@ from transformers.models.deit.modeling_deit import DeiTForImageClassificationWit
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.models.swin.modeling_swin import SwinLayer, SwinStage, window_partition, window_reverse
 
-from .aligner import MIXING_ARGUMENTS, TokenLabelAligner, validate_mixing_inputs
+from .aligner import TokenLabelAligner, validate_mixing_inputs
 from .attention import (
     ATTENTION_PATHS,
     base_attention_implementation,
     pass_aligner_through,
     routed_attention_implementation,
 )
-from .losses import mixing_loss
+from .losses import mixed_batch_loss
+from .mixer import MIXING_KEYS
 
 
 @dataclass
@@ -169,10 +170,10 @@ class TLAlignMixin:
         return 0.5 * (shares[:, 0] + patch_mean)
 
     def _start_aligner(self, pixel_values, mix_index, token_weights, mix_lam) -> TokenLabelAligner:
-        missing = [name for name, value in zip(MIXING_ARGUMENTS, (mix_index, token_weights, mix_lam)) if value is None]
+        missing = [name for name, value in zip(MIXING_KEYS, (mix_index, token_weights, mix_lam)) if value is None]
         if missing:
             raise ValueError(
-                f"TL-Align needs all of {MIXING_ARGUMENTS} or none of them; missing {missing}. "
+                f"TL-Align needs all of {MIXING_KEYS} or none of them; missing {missing}. "
                 "Pass the whole batch from TLAlignCollator, or none of the three for a plain forward pass."
             )
         if pixel_values is None:
@@ -228,10 +229,10 @@ class TLAlignMixin:
             return self._plain_forward(pixel_values, labels, **kwargs)
         return_dict = kwargs.pop("return_dict", None)
         outputs, aligned_lam = self._aligned_forward(pixel_values, labels, mix_index, token_weights, mix_lam, kwargs)
-        loss = None
+        result = self._aligned_output(outputs, None, aligned_lam)
         if labels is not None:
-            loss = self.tl_align_loss(outputs, labels, mix_index, aligned_lam, target_smoothing)
-        result = self._aligned_output(outputs, loss, aligned_lam)
+            batch = {"labels": labels, "mix_index": mix_index, "mix_lam": mix_lam}
+            result.loss = mixed_batch_loss(result, batch, label_smoothing=target_smoothing)[0]
         return result.to_tuple() if return_dict is False else result
 
     def _plain_forward(self, pixel_values, labels, **kwargs):
@@ -245,21 +246,6 @@ class TLAlignMixin:
             attentions=outputs.attentions,
             aligned_lam=aligned_lam,
         )
-
-    def tl_align_loss(
-        self,
-        outputs,
-        labels: torch.Tensor,
-        mix_index: torch.Tensor,
-        own_share: torch.Tensor,
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-    ) -> torch.Tensor:
-        """Soft-target cross-entropy of the classification head(s) in ``outputs`` against the mixed target.
-
-        ``own_share`` is ``aligned_lam`` for TL-Align or the area ``mix_lam`` for plain mixing.
-        """
-        return mixing_loss(outputs.logits, labels, mix_index, own_share, label_smoothing, reduction)
 
 
 class TLAlignViTForImageClassification(TLAlignMixin, ViTForImageClassification):
@@ -307,14 +293,6 @@ class TLAlignDeiTForImageClassificationWithTeacher(TLAlignMixin, DeiTForImageCla
             loss=loss,
             aligned_lam=aligned_lam,
         )
-
-    def tl_align_loss(self, outputs, labels, mix_index, own_share, label_smoothing=0.0, reduction="mean"):
-        """Mean of the two heads' soft-target cross-entropies against the same target."""
-        head_losses = [
-            mixing_loss(logits, labels, mix_index, own_share, label_smoothing, reduction)
-            for logits in (outputs.cls_logits, outputs.distillation_logits)
-        ]
-        return 0.5 * (head_losses[0] + head_losses[1])
 
 
 class TLAlignViTMSNForImageClassification(TLAlignMixin, ViTMSNForImageClassification):

@@ -1,0 +1,173 @@
+"""The model card's content, read back with huggingface_hub's `ModelCard` (no Hub, no network).
+
+A tiny ViT is trained for 2 steps (evaluated at each) by a `TLAlignTrainer` and by a plain `Trainer` with plain
+`TrainingArguments`; the cards of both are parsed and their metadata and sections checked.
+"""
+
+from __future__ import annotations
+
+import re
+
+import datasets
+import numpy as np
+import pytest
+from huggingface_hub import ModelCard, constants
+from transformers import Trainer, TrainingArguments, ViTForImageClassification
+
+from tl_align_hf import TLAlignConfig, TLAlignTrainer, push_checkpoint_to_hub
+from tl_align_hf.model_card import model_card, tl_align_model_card
+
+from .tiny_models import IMAGE_SIZE, NUM_LABELS, tiny_model
+
+BASE_MODEL = "google/vit-base-patch16-224-in21k"
+REPO_ID = "user/vit-tl-align"
+# What the example script passes to `Trainer.create_model_card` / `push_to_hub`.
+CARD_KWARGS = {"finetuned_from": BASE_MODEL, "dataset": "beans", "tags": ["image-classification", "vision"]}
+# Both trainers: 2 steps of 4 images, evaluated after each, on the CPU, nothing saved or reported.
+TRAINING = dict(max_steps=2, eval_strategy="steps", eval_steps=1, per_device_train_batch_size=4,
+                learning_rate=1e-2, seed=0, save_strategy="no", report_to="none", use_cpu=True)  # fmt: skip
+
+
+def image_dataset(num_examples: int, seed: int) -> datasets.Dataset:
+    """Random CHW float images (the tiny models' size) with integer labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(0, 0.3, (num_examples, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    labels = (np.arange(num_examples) % NUM_LABELS).tolist()
+    return datasets.Dataset.from_dict({"pixel_values": list(images), "label": labels}).with_format("torch")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Offline mode: `TrainingSummary` would otherwise ask the Hub for the base model's license."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tl_align_trainer(tmp_path_factory):
+    """A TLAlignTrainer (pixel CutMix, TL-Align on, label smoothing 0.1) after 2 steps and a final evaluation."""
+    output_dir = str(tmp_path_factory.mktemp("tl_align") / "out")
+    args = TLAlignConfig(output_dir=output_dir, mixing_method="cutmix", hub_model_id=REPO_ID, **TRAINING)
+    model = tiny_model(ViTForImageClassification, "sdpa").train()
+    trainer = TLAlignTrainer(model=model, args=args, train_dataset=image_dataset(16, 0), eval_dataset=image_dataset(8, 1))
+    trainer.train()
+    trainer.evaluate()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def plain_trainer(tmp_path_factory):
+    """A plain `Trainer` with plain `TrainingArguments` (no accuracy metric) after 2 steps and an evaluation."""
+    args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("plain") / "plain-vit"), **TRAINING)
+    model = tiny_model(ViTForImageClassification, "sdpa").train()
+    trainer = Trainer(model=model, args=args, train_dataset=image_dataset(16, 0), eval_dataset=image_dataset(8, 1))
+    trainer.train()
+    trainer.evaluate()
+    return trainer
+
+
+def saved_and_loaded(card: ModelCard, folder) -> ModelCard:
+    """The card as the trainer saves it (README.md), read back from the file."""
+    path = folder / "README.md"
+    card.save(path)
+    return ModelCard.load(path)
+
+
+def section(card: ModelCard, title: str) -> str:
+    """The text of the markdown section `title` (up to the next heading of the same or a higher level)."""
+    level = title.split(" ")[0]
+    match = re.search(rf"^{re.escape(title)}\n(.*?)(?=^#{{1,{len(level)}}} |\Z)", card.text, flags=re.M | re.S)
+    assert match is not None, f"no section {title!r} in:\n{card.text}"
+    return match.group(1)
+
+
+def test_card_of_tl_align_trainer_has_trainer_metadata_and_tl_align_sections(tl_align_trainer, tmp_path):
+    card = saved_and_loaded(tl_align_model_card(tl_align_trainer, **CARD_KWARGS, license="apache-2.0"), tmp_path)
+
+    final_eval = tl_align_trainer.state.log_history[-1]
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
+    assert data.tags == ["image-classification", "vision", "generated_from_trainer", "tl-align", "token-label-alignment"]
+    assert data.base_model == BASE_MODEL and data.datasets == ["beans"] and data.license == "apache-2.0"
+    assert data.model_name == tl_align_trainer.args.output_dir.split("/")[-1]
+    accuracies = {result.metric_config: result.metric_value for result in data.eval_results}
+    assert accuracies == {None: final_eval["eval_accuracy"], "top5": final_eval["eval_top5_accuracy"]}
+    assert {result.dataset_name for result in data.eval_results} == {"beans"}
+    assert card.text.startswith(f"\n# {data.model_name}\n\nA `ViTForImageClassification` image classifier fine-tuned")
+    hyperparameters = section(card, "### Training hyperparameters")
+    assert "- learning_rate: 0.01\n" in hyperparameters and "- training_steps: 2\n" in hyperparameters
+    assert "- train_batch_size: 4\n" in hyperparameters and "- seed: 0\n" in hyperparameters
+    settings = section(card, "### TL-Align and mixing settings")
+    assert "| TL-Align | on (aligned targets) |" in settings and "| label smoothing | 0.1 |" in settings
+    assert "| mixing_method | `cutmix`: CutMix" in settings and "| mix_mode | `batch` |" in settings
+    for name in ("mixup_alpha", "cutmix_alpha", "cutmix_minmax", "mix_prob", "switch_prob", "correct_lam"):
+        assert f"| {name} | `{getattr(tl_align_trainer.args, name)}` |" in settings
+    training_log = section(card, "### Training results").strip().splitlines()
+    assert "Validation Loss" in training_log[0] and "Top5 Accuracy" in training_log[0] and len(training_log) == 4
+    assert f"| Accuracy | {final_eval['eval_accuracy']:.4g} |" in section(card, "## Evaluation results")
+    usage = section(card, "## How to use")
+    assert f'AutoModelForImageClassification.from_pretrained("{REPO_ID}")' in usage
+    assert "as a `ViTForImageClassification`" in usage
+    assert "## Token-Label Alignment" in card.text and "@inproceedings{xiao2023tlalign" in card.text
+
+
+def test_card_shows_overrides_instead_of_trainer_args(tl_align_trainer, tmp_path):
+    mixing = {"mixing_method": "mixup", "mixup_alpha": 0.8}
+    card = tl_align_model_card(tl_align_trainer, mixing=mixing, tl_align=False, label_smoothing=0.0)
+
+    settings = section(card, "### TL-Align and mixing settings")
+    assert "| TL-Align | off (area-mixed targets, the baseline) |" in settings
+    assert "| label smoothing | 0 |" in settings
+    assert "| mixing_method | `mixup`: Mixup" in settings and "| mixup_alpha | `0.8` |" in settings
+    assert "cutmix`:" not in settings and "| cutmix_alpha | `1.0` |" in settings  # not overridden: from args
+    assert "plain data mixing and area-proportional targets" in card.text
+    assert tl_align_trainer.args.mixing_method == "cutmix" and tl_align_trainer.args.tl_align
+
+
+def test_card_of_plain_trainer_uses_defaults_or_overrides(plain_trainer, tmp_path):
+    default = saved_and_loaded(tl_align_model_card(plain_trainer), tmp_path)
+    overridden = tl_align_model_card(plain_trainer, mixing={"mixing_method": "none"}, tl_align=False)
+
+    assert default.data.tags == ["generated_from_trainer", "image-classification", "vision", "tl-align", "token-label-alignment"]
+    assert default.data.model_name is None and default.data.eval_results is None  # no accuracy: no model-index
+    assert default.data.base_model is None and "trained from scratch" in default.text
+    assert "| mixing_method | `token_cutmix`" in default.text and "| TL-Align | on" in default.text
+    assert "| Loss |" in section(default, "## Evaluation results")
+    assert "# plain-vit\n" in default.text and "as a `ViTForImageClassification`" in default.text
+    assert "| mixing_method | `none`: no mixing |" in overridden.text and "| TL-Align | off" in overridden.text
+
+
+def test_card_without_trainer_keeps_hub_ids_only_in_metadata(tmp_path):
+    card = model_card(
+        model_class_name="TLAlignViTForImageClassification",
+        mixing={"mixing_method": "token_cutmix", "cutmix_alpha": 1.0},
+        tl_align=True,
+        label_smoothing=0.1,
+        finetuned_from=str(tmp_path),  # a local folder
+        dataset="digits",
+        hyperparameters={"learning_rate": 0.001, "training_steps": 7},
+        eval_results={"eval_top5_accuracy": 0.9, "eval_accuracy": 0.5, "eval_runtime": 1.2, "epoch": 3.0},
+        repo_id=REPO_ID,
+    )
+
+    card = ModelCard(str(card))
+    assert card.data.base_model is None and card.data.datasets == ["digits"] and card.data.model_name == "vit-tl-align"
+    assert [(result.metric_config, result.metric_value) for result in card.data.eval_results] == [(None, 0.5), ("top5", 0.9)]
+    assert f"fine-tuned from `{tmp_path}`" in card.text and "as a `ViTForImageClassification`" in card.text
+    assert "- training_steps: 7\n" in section(card, "### Training hyperparameters")
+    assert "eval_runtime" not in card.text and "epoch" not in section(card, "## Evaluation results")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"mixing": {"method": "cutmix"}}, "`mixing` has unknown settings \\['method'\\]"),
+     ({"label_smoothing": 1.0}, "`label_smoothing` must be in \\[0, 1\\)")],
+)  # fmt: skip
+def test_raises_error_when_overrides_are_invalid(tl_align_trainer, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tl_align_model_card(tl_align_trainer, **overrides)
+
+
+@pytest.mark.parametrize("repo_id", ["not a valid id", "a/b/c", "user/--name"])
+def test_raises_error_when_repo_id_is_invalid(tmp_path, repo_id):
+    with pytest.raises(ValueError, match="`repo_id` must be a Hub repo id"):
+        push_checkpoint_to_hub(tmp_path, repo_id)
