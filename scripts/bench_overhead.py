@@ -83,7 +83,7 @@ def official_cls_labels(attentions, batch: dict, num_prefix_tokens: int = 2) -> 
 def step(model, optimizer, batch: dict, variant: str, autocast) -> None:
     """One forward + backward + optimizer step of `variant`."""
     backend = "eager" if variant in ("plain-eager", "tl-align-eager", "official") else "sdpa"
-    if model.base_attn_implementation != backend:
+    if model.config._attn_implementation != backend:
         model.set_attn_implementation(backend)
     model.tl_align_attention_path = "value_channel" if variant == "tl-align-value-channel" else "auto"
     mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}

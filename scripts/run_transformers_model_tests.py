@@ -234,20 +234,32 @@ def _message(report) -> tuple[str, list[str]]:
 def pytest_runtest_logreport(report):
     record = _RESULTS.setdefault(
         report.nodeid,
-        {"outcome": None, "phases": {}, "duration": 0.0, "location": "", "message": [], "subtests_failed": 0},
+        {
+            "outcome": None,
+            "phases": {},
+            "duration": 0.0,
+            "location": "",
+            "message": [],
+            "subtests_failed": 0,
+            "subtests": [],
+        },
     )
     record["duration"] += getattr(report, "duration", 0.0) or 0.0
-    is_subtest = type(report).__name__ == "SubtestReport"
-    if is_subtest:
+    if type(report).__name__ == "SubtestReport":
+        if report.passed or (report.skipped and not hasattr(report, "wasxfail")):
+            return
+        # failed or xfailed subtests are kept (xfail: the test's xfail marker turned a subtest failure into xfail)
+        context = getattr(report, "context", None)
+        label = " ".join(
+            str(part) for part in (getattr(context, "msg", None), getattr(context, "kwargs", None)) if part
+        )
+        where, lines = _message(report)
+        outcome = "failed" if report.failed else "xfailed"
+        record["subtests"].append({"label": label, "outcome": outcome, "location": where, "message": lines[:3]})
         if report.failed:
             record["subtests_failed"] += 1
-            if not record["message"]:
-                context = getattr(report, "context", None)
-                where, lines = _message(report)
-                label = " ".join(
-                    str(part) for part in (getattr(context, "msg", None), getattr(context, "kwargs", None)) if part
-                )
-                record["location"], record["message"], record["subtest"] = where, lines, label
+        if (report.failed and record["subtests_failed"] == 1) or not record["message"]:
+            record["location"], record["message"], record["subtest"] = where, lines, label
         return
     outcome = report.outcome
     if hasattr(report, "wasxfail"):
@@ -375,8 +387,10 @@ def _git_head(path: Path) -> str | None:
 def _check_requirements(tests_dir: Path, families) -> None:
     problems = []
     for module in ("pytest", "parameterized", "httpx", "tl_align_hf", "transformers"):
-        if _python(f"import {module}", _env()).returncode:
-            problems.append(f"python module {module!r} is not importable (pip install {module})")
+        probe = _python(f"import {module}", _env())
+        if probe.returncode:
+            error = (probe.stderr.strip().splitlines() or ["?"])[-1]
+            problems.append(f"python module {module!r} does not import: {error}")
     for relative in ("tests/__init__.py", "tests/test_modeling_common.py", "src/transformers/__init__.py"):
         if not (tests_dir / relative).exists():
             problems.append(f"{tests_dir / relative} is missing")
@@ -463,8 +477,8 @@ def _summary(counts: dict) -> str:
     )
 
 
-def _hint(message_lines: list[str], named_outcome: str | None) -> str:
-    if named_outcome in PASSING:
+def _hint(message_lines: list[str], named_passes: bool) -> str:
+    if named_passes:
         return KNOWN_CAUSES[0][0]
     text = "\n".join(message_lines)
     for key, _, pattern in KNOWN_CAUSES[1:]:
@@ -477,13 +491,23 @@ def _short(test_id: str) -> str:
     return test_id.split("::", 1)[1] if "::" in test_id else test_id
 
 
+def _subtest_signature(record: dict) -> set:
+    """The subtests that did not pass (failed, or xfailed under the test's xfail marker), TL names mapped back."""
+    return {(re.sub(r"\bTLAlign(?=\w)", "", s["label"]), s["outcome"]) for s in record.get("subtests", [])}
+
+
+def _regressed(base: dict, other: dict | None) -> bool:
+    """Passed in the baseline, and with the TL class either does not pass or has non-passing subtests it lacked."""
+    if base["outcome"] not in PASSING:
+        return False
+    if other is None or other["outcome"] not in PASSING:
+        return True
+    return bool(_subtest_signature(other) - _subtest_signature(base))
+
+
 def _differences(base_tests: dict, other_tests: dict) -> tuple[list, list, list]:
     """(regressions, passes only in other, other outcome changes) as sorted test ids."""
-    regressions = sorted(
-        t
-        for t, r in base_tests.items()
-        if r["outcome"] in PASSING and other_tests.get(t, {}).get("outcome") not in PASSING
-    )
+    regressions = sorted(t for t, r in base_tests.items() if _regressed(r, other_tests.get(t)))
     fixed = sorted(
         t
         for t, r in other_tests.items()
@@ -494,9 +518,19 @@ def _differences(base_tests: dict, other_tests: dict) -> tuple[list, list, list]
         for t in set(base_tests) | set(other_tests)
         if t not in regressions
         and t not in fixed
-        and base_tests.get(t, {}).get("outcome") != other_tests.get(t, {}).get("outcome")
+        and (
+            base_tests.get(t, {}).get("outcome") != other_tests.get(t, {}).get("outcome")
+            or _skip_reason(base_tests.get(t)) != _skip_reason(other_tests.get(t))
+        )
     )
     return regressions, fixed, changed
+
+
+def _skip_reason(record: dict | None) -> str | None:
+    """A skipped test's reason, TL names mapped back (a changed reason is listed among the other changes)."""
+    if not record or record["outcome"] != "skipped":
+        return None
+    return re.sub(r"\bTLAlign(?=\w)", "", " ".join(record.get("message", [])))
 
 
 def _family_meta(tests_dir: Path, family: str, versions: dict, args) -> dict:
@@ -508,6 +542,7 @@ def _family_meta(tests_dir: Path, family: str, versions: dict, args) -> dict:
         "keyword": args.keyword,
         "pytest_arg": args.pytest_arg,
         "run_slow": args.run_slow,
+        "harness": _sha256(Path(__file__)),
     }
 
 
@@ -521,10 +556,15 @@ def _row(test_id: str, base_tests: dict, other_tests: dict, named: dict | None =
         "subtest": record.get("subtest"),
         "location": record.get("location", ""),
         "message": record.get("message", []),
+        "subtests": record.get("subtests", []),
     }
     if named is not None:
-        row["named_tl"] = named.get(test_id)
-        row["hint"] = _hint(record.get("message", []), named.get(test_id))
+        named_record = named.get(test_id)
+        named_passes = named_record is not None and not _regressed(base_tests[test_id], named_record)
+        row["named_tl"] = (
+            None if named_record is None else named_record["outcome"] + ("" if named_passes else " (regressed)")
+        )
+        row["hint"] = _hint(record.get("message", []), named_passes)
     return row
 
 
@@ -570,7 +610,7 @@ def run_family(family: str, tests_dir: Path, raw_dir: Path, versions: dict, args
     if regressions and not args.no_named_rerun:
         named_run = _run_pytest(tests_dir, regressions, "named", f"{family}-named-rerun", raw_dir, args, env)
         (raw_dir / f"{family}-named-rerun.json").write_text(json.dumps(named_run, indent=1))
-        named = {t: r["outcome"] for t, r in named_run["tests"].items()}
+        named = named_run["tests"]
     result["regressions"] = [_row(t, base_tests, tl_tests, named) for t in regressions]
     result["fixed_in_tl"] = [_row(t, base_tests, tl_tests) for t in fixed]
     result["other_changes"] = [_row(t, base_tests, tl_tests) for t in changed]
@@ -640,6 +680,12 @@ def _causes() -> dict:
 def _describe(row: dict) -> str:
     message = " / ".join(m.strip() for m in row["message"][:3])[:300]
     subtest = f" [subtest {row['subtest']}]" if row.get("subtest") else ""
+    if row["tl"] in PASSING and row.get("subtests"):
+        subtest += (
+            " (the test passed, but these subtests did not: "
+            + ", ".join(f"{s['label']} {s['outcome']}" for s in row["subtests"])
+            + ")"
+        )
     return f"{row['location']}{subtest}: {message}"
 
 

@@ -12,11 +12,13 @@ from transformers import (
     DeiTForImageClassificationWithTeacher,
     ViTForImageClassification,
 )
+from transformers.utils import find_labels
 
 from tl_align_hf import (
     TLAlignDeiTForImageClassification,
     TLAlignDeiTForImageClassificationWithTeacher,
     TLAlignViTForImageClassification,
+    mixed_batch_loss,
     mixed_soft_targets,
     to_tl_align,
 )
@@ -107,14 +109,28 @@ def test_with_teacher_trains_both_heads_on_the_cls_target():
     plain_head.load_state_dict(vanilla.state_dict(), strict=False)
     batch = mixed_batch("fractional")
     with torch.no_grad():
-        out = aligned(batch["pixel_values"], labels=batch["labels"], target_smoothing=0.1, **mixing(batch))
+        out = aligned(batch["pixel_values"], **mixing(batch))
         single = plain_head(batch["pixel_values"], **mixing(batch))
         expected_logits = vanilla(batch["pixel_values"]).logits
+    loss, _ = mixed_batch_loss(out, batch, label_smoothing=0.1)
     targets = mixed_soft_targets(batch["labels"], batch["mix_index"], out.aligned_lam, NUM_LABELS, 0.1)
     per_head = [-(targets * torch.log_softmax(logits, -1)).sum(-1).mean() for logits in (out.cls_logits, out.distillation_logits)]
-    torch.testing.assert_close(out.loss, (per_head[0] + per_head[1]) / 2)
+    torch.testing.assert_close(loss, (per_head[0] + per_head[1]) / 2)
     torch.testing.assert_close(out.aligned_lam, single.aligned_lam)
     torch.testing.assert_close(out.logits, expected_logits)
+
+
+def test_with_teacher_ignores_labels_as_its_parent_does():
+    """The parent's forward takes no `labels` (find_labels gives []): passing them changes nothing, aligned or not."""
+    vanilla = tiny_model(DeiTForImageClassificationWithTeacher)
+    aligned = aligned_copy(vanilla)
+    batch = mixed_batch("fractional")
+    assert find_labels(type(aligned)) == find_labels(type(vanilla)) == []
+    with torch.no_grad():
+        assert torch.equal(aligned(batch["pixel_values"], labels=batch["labels"]).logits, vanilla(batch["pixel_values"]).logits)
+        with_labels = aligned(batch["pixel_values"], labels=batch["labels"], **mixing(batch))
+        without = aligned(batch["pixel_values"], **mixing(batch))
+    assert "loss" not in with_labels and torch.equal(with_labels.aligned_lam, without.aligned_lam)
 
 
 def test_aligned_loss_is_soft_target_cross_entropy_and_labels_stay_integer():
@@ -190,17 +206,22 @@ def test_set_attn_implementation_keeps_alignment_and_switches_backend():
         eager_lam = model(batch["pixel_values"], **mixing(batch)).aligned_lam
         model.set_attn_implementation("sdpa")
         sdpa_lam = model(batch["pixel_values"], **mixing(batch)).aligned_lam
-    assert model.base_attn_implementation == "sdpa"
-    assert model.config._attn_implementation == "tl_align_sdpa"
+    assert model.config._attn_implementation == "sdpa"  # the user's backend, not the routed name
     torch.testing.assert_close(sdpa_lam, eager_lam, atol=1e-6, rtol=0)
 
 
-def test_routing_bypassed_by_hand_raises_instead_of_returning_area_targets():
-    model = aligned_copy(tiny_model(ViTForImageClassification))
-    model.config._attn_implementation_internal = "sdpa"
+def test_routing_follows_the_config_and_the_update_count_catches_a_module_that_escapes_it():
+    model = aligned_copy(tiny_model(ViTForImageClassification, "eager"))
     batch = mixed_batch("binary")
-    with pytest.raises(RuntimeError, match="set_attn_implementation"):
-        model(batch["pixel_values"], **mixing(batch))
+    with torch.no_grad():
+        expected = model(batch["pixel_values"], **mixing(batch)).aligned_lam
+        model.config._attn_implementation_internal = "sdpa"  # by hand: the routing follows the config
+        torch.testing.assert_close(model(batch["pixel_values"], **mixing(batch)).aligned_lam, expected, atol=1e-6, rtol=0)
+        model.vit.layers[1].attention.config = model.config  # one module that no longer sees the routed view
+        with pytest.raises(RuntimeError, match="expected 3 attention updates .* received 2.*tl_align_route_attention"):
+            model(batch["pixel_values"], **mixing(batch))
+        model.tl_align_route_attention()
+        torch.testing.assert_close(model(batch["pixel_values"], **mixing(batch)).aligned_lam, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["vit", "deit"])
@@ -242,7 +263,7 @@ def test_from_pretrained_respects_requested_attention_backend(tmp_path):
     aligned_copy(tiny_model(ViTForImageClassification)).save_pretrained(tmp_path)
     for backend in ("eager", "sdpa"):
         model = TLAlignViTForImageClassification.from_pretrained(tmp_path, attn_implementation=backend)
-        assert model.base_attn_implementation == backend
+        assert model.config._attn_implementation == backend
 
 
 @pytest.mark.parametrize(

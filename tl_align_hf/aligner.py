@@ -161,6 +161,6 @@ class TokenLabelAligner:
         if self.num_updates != expected_updates:
             raise RuntimeError(
                 f"TL-Align expected {expected_updates} attention updates (one per block) but received "
-                f"{self.num_updates}. The model's attention was not routed through tl_align_hf: change the backend "
-                "with `model.set_attn_implementation(...)`, not by editing `config._attn_implementation`."
+                f"{self.num_updates}. Some attention module no longer sees the aligned routing (it was replaced, or "
+                "its `config` attribute was reset): call `model.tl_align_route_attention()` (or `to_tl_align`) again."
             )

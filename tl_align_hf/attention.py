@@ -1,10 +1,13 @@
 """Feeding a :class:`~tl_align_hf.aligner.TokenLabelAligner` from transformers' attention interface.
 
-Aligned models route their attention through ``tl_align_<backend>``, an implementation registered in transformers'
-``AttentionInterface`` that wraps the backend the user picked (``eager``, ``sdpa``, flash, flex...). Without a
-``token_label_aligner`` keyword argument it calls that backend unchanged, so a model used without mixing
-arguments computes exactly what the parent class computes. With one, it also computes ``mean_h(P_h) @ s`` for the
-block and hands it to the aligner, on one of three paths:
+Every attention module of an aligned model sees its config through a :class:`RoutedConfig`: the model's own config
+object, except that ``_attn_implementation`` reads ``tl_align_<backend>``, an implementation registered in
+transformers' ``AttentionInterface`` that wraps the backend the model's config names (``eager``, ``sdpa``, flash,
+flex...). Nothing is copied or changed: the model's config, what it saves, what ``set_attn_implementation`` and
+``output_attentions`` check, stays the user's, and the routing follows any change of backend, successful or not.
+Without a ``token_label_aligner`` keyword argument the wrapper calls the backend unchanged, so a model used without
+mixing arguments computes exactly what the parent class computes. With one, it also computes ``mean_h(P_h) @ s`` for
+the block and hands it to the aligner, on one of three paths:
 
 - ``"eager"``: the model's own eager attention, whose attention probabilities are reused. Cheapest on the CPU,
   where eager attention runs as fast as SDPA and the extra ``(B, H, N, N) @ (B, N)`` product is small.
@@ -26,8 +29,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .aligner import TokenLabelAligner
@@ -38,43 +40,75 @@ _CHANNEL_MULTIPLE = 8  # head dims that fused kernels accept
 ALIGNER_ATTRIBUTE = "_tl_align_aligner"  # where pass_aligner_through keeps the aligner during an attention call
 
 
-def base_attention_implementation(implementation: str | None) -> str | None:
-    """The user-facing backend behind a routed implementation name (``"tl_align_sdpa"`` -> ``"sdpa"``)."""
-    if implementation is not None and implementation.startswith(ROUTE_PREFIX):
-        return implementation[len(ROUTE_PREFIX) :]
-    return implementation
-
-
-@functools.cache
-def routed_attention_implementation(base_implementation: str) -> str:
-    """Register (once) and return the name of the aligned wrapper around ``base_implementation``."""
+def register_routed_attention(base_implementation: str) -> str:
+    """Register the aligned wrapper around ``base_implementation`` (idempotent) and return its name."""
     routed = ROUTE_PREFIX + base_implementation
-    AttentionInterface.register(routed, functools.partial(aligned_attention_forward, base_implementation=base_implementation))
-    if base_implementation in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(routed, ALL_MASK_ATTENTION_FUNCTIONS[base_implementation])
+    if routed not in AttentionInterface._global_mapping:
+        wrapper = functools.partial(aligned_attention_forward, base_implementation=base_implementation)
+        AttentionInterface.register(routed, wrapper)
     return routed
 
 
-def model_eager_attention(module: torch.nn.Module) -> Callable:
-    """The ``eager_attention_forward`` of the modeling file that defines ``module``'s class."""
-    return _eager_attention_of_class(type(module))
+class RoutedConfig:
+    """An attention module's view of its model's config: every attribute is the config's own, read and written
+    through, except ``_attn_implementation``, which names the aligned wrapper of the config's current backend.
+
+    It also holds the ``eager_attention_forward`` of the module's modeling file, which the aligned paths reuse.
+    """
+
+    __slots__ = ("tl_align_config", "tl_align_eager_attention")
+
+    def __init__(self, config: PretrainedConfig, eager_attention: Callable):
+        object.__setattr__(self, "tl_align_config", config)
+        object.__setattr__(self, "tl_align_eager_attention", eager_attention)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return register_routed_attention(self.tl_align_config._attn_implementation or "eager")
+
+    def __getattr__(self, name: str):
+        return getattr(self.tl_align_config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.tl_align_config, name, value)
+
+    def __reduce__(self):  # pickling and deepcopy keep the view over the (copied) config
+        return RoutedConfig, (self.tl_align_config, self.tl_align_eager_attention)
+
+    def __repr__(self) -> str:
+        return f"RoutedConfig({self.tl_align_config!r})"
 
 
-@functools.cache
-def _eager_attention_of_class(module_class: type) -> Callable:
-    """Looked up once per attention class, not once per block and step."""
-    eager = getattr(sys.modules.get(module_class.__module__), "eager_attention_forward", None)
-    if eager is None:
-        raise TypeError(
-            f"{module_class.__name__} has no `eager_attention_forward` in {module_class.__module__}; "
-            "tl_align_hf supports attention modules that follow transformers' attention interface."
-        )
-    return eager
+def _eager_attention_of(module: torch.nn.Module) -> Callable | None:
+    """The ``eager_attention_forward`` of the modeling file that defines ``module``'s class, if it has one."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def is_interface_attention(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is an attention module on transformers' attention interface (``*Attention`` classes with a
+    config, defined next to an ``eager_attention_forward``)."""
+    return (
+        type(module).__name__.endswith("Attention")
+        and not isinstance(module, PreTrainedModel)
+        and isinstance(getattr(module, "config", None), PretrainedConfig | RoutedConfig)
+        and _eager_attention_of(module) is not None
+    )
+
+
+def route_attention(model: torch.nn.Module) -> int:
+    """Give every interface attention module of ``model`` a :class:`RoutedConfig` view (once); return how many."""
+    routed = 0
+    for module in model.modules():
+        if is_interface_attention(module):
+            if not isinstance(module.config, RoutedConfig):
+                module.config = RoutedConfig(module.config, _eager_attention_of(module))
+            routed += 1
+    return routed
 
 
 def base_attention_function(module: torch.nn.Module, base_implementation: str) -> Callable:
     """The attention function that ``module`` would call for ``base_implementation``."""
-    eager = model_eager_attention(module)
+    eager = module.config.tl_align_eager_attention
     if base_implementation == "eager":
         return eager
     return ALL_ATTENTION_FUNCTIONS.get_interface(base_implementation, eager)
@@ -194,9 +228,11 @@ def aligned_attention_forward(
         )
     elif path == "eager":
         eager_mask = _additive_mask(attention_mask, query.dtype)
-        eager = model_eager_attention(module)
+        eager = module.config.tl_align_eager_attention
         output, weights = eager(module, query, key, value, eager_mask, dropout=dropout, scaling=scaling, **kwargs)
         attended = _mean_attended_shares(weights.detach(), shares)
+        if base_implementation != "eager":
+            weights = None  # what the backend returns: no attention maps unless the user chose eager
     else:
         output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         attended = None
@@ -205,3 +241,9 @@ def aligned_attention_forward(
     if attended is not None:
         token_label_aligner.update(attended)  # ignored when closed
     return output, weights
+
+
+# The wrappers of the backends transformers knows now; others (kernels from the Hub) are registered on first use.
+for _backend in ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]:
+    if not _backend.startswith(ROUTE_PREFIX):
+        register_routed_attention(_backend)

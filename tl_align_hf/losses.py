@@ -82,16 +82,16 @@ def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.T
             )
 
 
-def _head_logits(outputs) -> list[torch.Tensor]:
+def _head_logits(outputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """The classification heads trained on the target: DeiT with teacher has two, every other model one."""
-    cls_logits, distillation_logits = getattr(outputs, "cls_logits", None), getattr(outputs, "distillation_logits", None)
+    cls_logits, distillation_logits = outputs.get("cls_logits"), outputs.get("distillation_logits")
     if cls_logits is not None and distillation_logits is not None:
         return [cls_logits, distillation_logits]
-    return [outputs.logits]
+    return [outputs["logits"]]
 
 
 def mixed_batch_loss(
-    outputs,
+    outputs: Mapping[str, torch.Tensor],
     batch: Mapping[str, torch.Tensor],
     *,
     tl_align: bool = True,
@@ -102,7 +102,7 @@ def mixed_batch_loss(
     """The loss of a mixed batch and its alignment sums: the one place this is computed.
 
     Args:
-        outputs: the model's output for the mixed ``batch["pixel_values"]``: ``logits`` (DeiT with teacher:
+        outputs: the model's output (a `ModelOutput`, or any mapping) for the mixed ``batch["pixel_values"]``: ``logits`` (DeiT with teacher:
             ``cls_logits`` and ``distillation_logits``, both trained on the same target, losses averaged) and, with
             ``tl_align``, ``aligned_lam`` `(B,)` (from an aligned forward).
         batch: ``labels`` `(B,)` each sample's own class, ``mix_index`` `(B,)` and ``mix_lam`` `(B,)`, as
@@ -122,7 +122,7 @@ def mixed_batch_loss(
     """
     mix_lam = batch["mix_lam"]
     if tl_align:
-        own_share = getattr(outputs, "aligned_lam", None)
+        own_share = outputs.get("aligned_lam")
         if own_share is None:
             raise ValueError(
                 "tl_align=True needs `outputs.aligned_lam`: call the aligned model with the batch's mix_index, "

@@ -1,11 +1,13 @@
 """Aligned subclasses of transformers' image classifiers, and :func:`to_tl_align` for loaded models.
 
-The subclasses add no weights and rename no modules. Called without mixing arguments they are their parent class.
-Called with the batch contract (``mix_index``, ``token_weights``, ``mix_lam``, as :class:`TLAlignCollator` produces
-it) they create a :class:`TokenLabelAligner`, pass it down to every attention call through the model's ``**kwargs``
-(or, for attention modules that drop them, through :func:`~tl_align_hf.attention.pass_aligner_through`), and
-return ``aligned_lam``: the share of each sample's own label in its aligned target. With ``labels`` they also return
-the soft-target loss against that target.
+The subclasses add no weights and rename no modules, and leave the config alone. Called without mixing arguments
+they are their parent class: same signature (the mixing arguments are keyword-only, after the parent's parameters),
+same outputs. Called with the batch contract (``mix_index``, ``token_weights``, ``mix_lam``, as
+:class:`TLAlignCollator` produces it) they create a :class:`TokenLabelAligner`, pass it down to every attention call
+through the model's ``**kwargs`` (or, for attention modules that drop them, through
+:func:`~tl_align_hf.attention.pass_aligner_through`), and return the parent's output with ``aligned_lam`` `(B,)`
+added: the share of each sample's own label in its aligned target. With ``labels`` (where the parent takes them) the
+``loss`` is :func:`~tl_align_hf.mixed_batch_loss` against that target.
 
 Every family goes through the same mechanism (:mod:`tl_align_hf.attention` feeding a :class:`TokenLabelAligner`);
 what differs between families is data on each subclass: the tokens in front of the patch tokens, the read-out that
@@ -14,8 +16,10 @@ mirrors the classifier's pooling, and, for Swin, how the tokens are re-arranged 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
+import inspect
+import typing
 
 import torch
 from transformers import (
@@ -33,38 +37,21 @@ from transformers import (
     ViTForImageClassification,
     ViTMSNForImageClassification,
 )
-from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.models.deit.modeling_deit import DeiTForImageClassificationWithTeacherOutput
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.models.swin.modeling_swin import SwinLayer, SwinStage, window_partition, window_reverse
+from transformers.utils import ModelOutput
 
 from .aligner import TokenLabelAligner, validate_mixing_inputs
-from .attention import (
-    ATTENTION_PATHS,
-    base_attention_implementation,
-    pass_aligner_through,
-    routed_attention_implementation,
-)
+from .attention import ATTENTION_PATHS, pass_aligner_through, route_attention
 from .losses import mixed_batch_loss
 from .mixer import MIXING_KEYS
 
-
-@dataclass
-class TLAlignImageClassifierOutput(ImageClassifierOutput):
-    """:class:`ImageClassifierOutput` plus ``aligned_lam`` `(B,)`, present when mixing arguments were given."""
-
-    aligned_lam: torch.FloatTensor | None = None
-
-
-@dataclass
-class TLAlignDeiTWithTeacherOutput(DeiTForImageClassificationWithTeacherOutput):
-    """DeiT's two-head output plus the aligned ``loss`` (mean over both heads) and ``aligned_lam`` `(B,)`."""
-
-    loss: torch.FloatTensor | None = None
-    aligned_lam: torch.FloatTensor | None = None
-
-
 READOUTS = ("cls", "patch_mean", "cls_and_patch_mean")
+# The keyword-only arguments the aligned forward adds after the parent's parameters.
+_ALIGNED_PARAMETERS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation="torch.Tensor | None")
+    for name in MIXING_KEYS
+] + [inspect.Parameter("target_smoothing", inspect.Parameter.KEYWORD_ONLY, default=0.0, annotation="float")]
 
 
 def _vision_config(config):
@@ -78,10 +65,54 @@ def _patch_grid_size(config, pixel_values: torch.Tensor) -> int:
     return (pixel_values.shape[-2] // patch_h) * (pixel_values.shape[-1] // patch_w)
 
 
-def _configs(config) -> list:
-    """``config`` and its sub-configs (vision and text configs of composite models)."""
-    sub_configs = (getattr(config, name, None) for name in getattr(config, "sub_configs", {}))
-    return [config, *(sub_config for sub_config in sub_configs if sub_config is not None)]
+def _aligned_output_class(parent: type[PreTrainedModel]) -> type[ModelOutput]:
+    """The output class of `parent.forward` with an ``aligned_lam`` `(B,)` field appended, defined in this module
+    (`ImageClassifierOutput` -> `TLAlignImageClassifierOutput`), so that aligned outputs are still instances of the
+    parent's output class and flatten as pytrees (DDP, torch.compile)."""
+    annotation = inspect.signature(parent.forward).return_annotation  # e.g. `tuple | ImageClassifierOutput`
+    candidates = [annotation, *typing.get_args(annotation)]
+    output_class = next((item for item in candidates if inspect.isclass(item) and issubclass(item, ModelOutput)), None)
+    if output_class is None:
+        raise TypeError(f"{parent.__name__}.forward must be annotated with its ModelOutput class, got {annotation!r}.")
+    name = f"TLAlign{output_class.__name__}"
+    if name not in globals():
+        aligned_lam = ("aligned_lam", torch.FloatTensor | None, dataclasses.field(default=None))
+        namespace = {"__module__": __name__}
+        globals()[name] = dataclasses.make_dataclass(name, [aligned_lam], bases=(output_class,), namespace=namespace)
+        globals()[name].__doc__ = f"`{output_class.__name__}` plus ``aligned_lam`` `(B,)`: the aligned share of each sample's own label."
+    return globals()[name]
+
+
+def _aligned_forward_of(parent_forward):
+    """The aligned `forward` of a subclass: the parent's `forward`, with the mixing arguments keyword-only after it.
+
+    Positional arguments mean what they mean for the parent; its signature (what `inspect`, transformers'
+    `find_labels` and `Trainer` read) is the parent's plus the keyword-only mixing arguments.
+    """
+    parent_signature = inspect.signature(parent_forward)
+    takes_labels = "labels" in parent_signature.parameters  # DeiT with teacher does not: `labels` are ignored there
+    positional = [
+        parameter.name
+        for parameter in list(parent_signature.parameters.values())[1:]
+        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+
+    def forward(self, *args, mix_index=None, token_weights=None, mix_lam=None, target_smoothing=0.0, **kwargs):
+        if mix_index is None and token_weights is None and mix_lam is None:
+            return parent_forward(self, *args, **kwargs)
+        if len(args) > len(positional):
+            raise TypeError(f"{type(self).__name__}.forward takes {len(positional)} positional arguments after self.")
+        arguments = {**dict(zip(positional, args)), **kwargs}
+        labels = arguments.pop("labels", None) if takes_labels else None
+        return self.tl_align_forward(parent_forward, arguments, labels, mix_index, token_weights, mix_lam, target_smoothing)
+
+    parameters = list(parent_signature.parameters.values())
+    keywords_at = next((i for i, p in enumerate(parameters) if p.kind == inspect.Parameter.VAR_KEYWORD), len(parameters))
+    forward.__signature__ = parent_signature.replace(
+        parameters=parameters[:keywords_at] + _ALIGNED_PARAMETERS + parameters[keywords_at:]
+    )
+    forward.__doc__ = (parent_forward.__doc__ or "") + TLAlignMixin.tl_align_forward.__doc__
+    return forward
 
 
 class TLAlignMixin:
@@ -102,10 +133,14 @@ class TLAlignMixin:
     # attention modules that take the forward's **kwargs but do not hand them to the attention function
     tl_align_kwargs_dropped_by: tuple[type[torch.nn.Module], ...] = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "tl_align_parent" in cls.__dict__:
+            cls.tl_align_output_class = _aligned_output_class(cls.tl_align_parent)
+            if "forward" not in cls.__dict__:
+                cls.forward = _aligned_forward_of(cls.tl_align_parent.forward)
+
     def __init__(self, config, *args, **kwargs):
-        # A config taken from another aligned model carries the routed name; transformers must see the backend.
-        for sub_config in _configs(config):
-            sub_config._attn_implementation_internal = base_attention_implementation(sub_config._attn_implementation)
         super().__init__(config, *args, **kwargs)
         self.tl_align_route_attention()
         self.tl_align_install_hooks()
@@ -122,28 +157,11 @@ class TLAlignMixin:
                 pass_aligner_through(module)
 
     def tl_align_route_attention(self) -> None:
-        """Route every attention call of the model through the aligned wrapper of its current backend."""
-        for module in self.modules():
-            if isinstance(module, PreTrainedModel):
-                backend = base_attention_implementation(module.config._attn_implementation) or "eager"
-                module.config._attn_implementation_internal = routed_attention_implementation(backend)
-
-    @property
-    def base_attn_implementation(self) -> str:
-        """The attention backend in use (``"sdpa"``, ``"eager"``...), without the routing prefix."""
-        return base_attention_implementation(self.config._attn_implementation)
-
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        """Switch the attention backend, as in transformers; the aligned routing is kept."""
-        if isinstance(attn_implementation, str):
-            attn_implementation = base_attention_implementation(attn_implementation)
-        for module in self.modules():
-            if isinstance(module, PreTrainedModel):
-                module.config._attn_implementation_internal = base_attention_implementation(
-                    module.config._attn_implementation
-                )
-        super().set_attn_implementation(attn_implementation, *args, **kwargs)
-        self.tl_align_route_attention()
+        """Let every attention module see its config through a `RoutedConfig` (the config itself is unchanged)."""
+        if route_attention(self) == 0:
+            raise TypeError(
+                f"{type(self).__name__} has no attention module on transformers' attention interface to route."
+            )
 
     def save_pretrained(self, *args, **kwargs):
         """Save a plain transformers checkpoint: ``config.architectures`` names the parent class."""
@@ -188,64 +206,33 @@ class TLAlignMixin:
         validate_mixing_inputs(mix_index, token_weights, mix_lam, pixel_values.shape[0], num_patches)
         return TokenLabelAligner(token_weights, mix_lam, self.tl_align_num_prefix_tokens, self.tl_align_attention_path)
 
-    def _aligned_forward(self, pixel_values, labels, mix_index, token_weights, mix_lam, kwargs):
-        """Run the parent's forward with an aligner; return (parent outputs, `(B,)` aligned_lam)."""
+    def tl_align_forward(self, parent_forward, arguments, labels, mix_index, token_weights, mix_lam, target_smoothing):
+        """
+        TL-Align: with ``mix_index`` `(B,)` (partner of each sample), ``token_weights`` `(B, num_patches)` (share of
+        each patch from the sample itself, patch-grid row-major) and ``mix_lam`` `(B,)` (share of the whole image
+        from the sample itself), the output also holds ``aligned_lam`` `(B,)`, and ``loss`` (when the parent takes
+        ``labels`` and they are given) is the soft-target cross-entropy against the aligned target, each one-hot
+        smoothed by ``target_smoothing`` (not named ``label_smoothing``: transformers takes every forward argument
+        with "label" in its name for a label).
+        """
         if labels is not None and (labels.dtype.is_floating_point or labels.dim() != 1):
             raise TypeError(
                 f"`labels` must be a (batch_size,) integer tensor of each sample's own class, got dtype {labels.dtype} "
                 f"and shape {tuple(labels.shape)}. Mixed soft targets are built from `mix_index` and the aligned shares."
             )
+        return_dict = arguments.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        pixel_values = arguments.get("pixel_values")
         aligner = self._start_aligner(pixel_values, mix_index, token_weights, mix_lam)
-        kwargs["return_dict"] = True
-        outputs = super().forward(pixel_values, token_label_aligner=aligner, **kwargs)
+        outputs = parent_forward(self, **arguments, token_label_aligner=aligner, return_dict=True)
         aligner.close(expected_updates=self.tl_align_num_blocks)
-        return outputs, self.tl_align_readout(aligner.shares)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mix_index: torch.Tensor | None = None,
-        token_weights: torch.Tensor | None = None,
-        mix_lam: torch.Tensor | None = None,
-        target_smoothing: float = 0.0,
-        **kwargs,
-    ):
-        """The parent's forward; with ``mix_index``, ``token_weights`` and ``mix_lam``, also the aligned target.
-
-        Args:
-            pixel_values: `(B, C, H, W)` images (mixed when mixing arguments are given).
-            labels: `(B,)` integer class of each sample itself.
-            mix_index: `(B,)` long, partner of each sample.
-            token_weights: `(B, num_patches)` share of each patch from the sample itself, patch-grid row-major.
-            mix_lam: `(B,)` share of the whole image from the sample itself.
-            target_smoothing: label smoothing of each one-hot before mixing, for the aligned loss. (Not named
-                `label_smoothing`: transformers takes every forward argument with "label" in its name for a label.)
-        Returns:
-            The parent's output with ``aligned_lam`` `(B,)` added; ``loss`` is the soft-target cross-entropy
-            against the aligned target when ``labels`` are given.
-        """
-        if mix_index is None and token_weights is None and mix_lam is None:
-            return self._plain_forward(pixel_values, labels, **kwargs)
-        return_dict = kwargs.pop("return_dict", None)
-        outputs, aligned_lam = self._aligned_forward(pixel_values, labels, mix_index, token_weights, mix_lam, kwargs)
-        result = self._aligned_output(outputs, None, aligned_lam)
+        fields = {**outputs, "aligned_lam": self.tl_align_readout(aligner.shares)}
         if labels is not None:
             batch = {"labels": labels, "mix_index": mix_index, "mix_lam": mix_lam}
-            result.loss = mixed_batch_loss(result, batch, label_smoothing=target_smoothing)[0]
-        return result.to_tuple() if return_dict is False else result
-
-    def _plain_forward(self, pixel_values, labels, **kwargs):
-        return super().forward(pixel_values, labels=labels, **kwargs)
-
-    def _aligned_output(self, outputs, loss, aligned_lam) -> TLAlignImageClassifierOutput:
-        return TLAlignImageClassifierOutput(
-            loss=loss,
-            logits=outputs.logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            aligned_lam=aligned_lam,
-        )
+            fields["loss"] = mixed_batch_loss(fields, batch, label_smoothing=target_smoothing)[0]
+        outputs = self.tl_align_output_class(**fields)
+        return outputs if return_dict else outputs.to_tuple()
 
 
 class TLAlignViTForImageClassification(TLAlignMixin, ViTForImageClassification):
@@ -268,31 +255,13 @@ class TLAlignDeiTForImageClassification(TLAlignMixin, DeiTForImageClassification
 class TLAlignDeiTForImageClassificationWithTeacher(TLAlignMixin, DeiTForImageClassificationWithTeacher):
     """:class:`~transformers.DeiTForImageClassificationWithTeacher` with token-label alignment.
 
-    Both heads are trained against the same aligned target, read from the CLS token, as the official code does;
-    the loss is the mean of the two heads' soft-target cross-entropies. (Distillation from a teacher is separate.)
+    Both heads are trained against the same aligned target, read from the CLS token, as the official code does:
+    :func:`~tl_align_hf.mixed_batch_loss` averages the two heads' soft-target cross-entropies. Like the parent, the
+    forward takes no ``labels`` (so it returns no loss); distillation from a teacher is separate.
     """
 
     tl_align_parent = DeiTForImageClassificationWithTeacher
     tl_align_num_prefix_tokens = 2
-
-    def _plain_forward(self, pixel_values, labels, **kwargs):
-        if labels is not None:
-            raise ValueError(
-                "DeiTForImageClassificationWithTeacher computes no loss from `labels` alone; pass the mixing "
-                "arguments too, or use TLAlignDeiTForImageClassification for plain training."
-            )
-        return super(TLAlignMixin, self).forward(pixel_values, **kwargs)
-
-    def _aligned_output(self, outputs, loss, aligned_lam) -> TLAlignDeiTWithTeacherOutput:
-        return TLAlignDeiTWithTeacherOutput(
-            logits=outputs.logits,
-            cls_logits=outputs.cls_logits,
-            distillation_logits=outputs.distillation_logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            loss=loss,
-            aligned_lam=aligned_lam,
-        )
 
 
 class TLAlignViTMSNForImageClassification(TLAlignMixin, ViTMSNForImageClassification):
