@@ -38,11 +38,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, to_tl_align
 from tl_align_hf.data import (
-    check_columns,
+    AUGMENTATIONS,
+    DEIT_RECIPE,
     default_image_processor,
+    deit_augmentation,
     label_maps,
     load_image_dataset,
     make_transforms,
+    prepare_image_dataset,
 )
 from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
 
@@ -92,6 +95,20 @@ class DataTrainingArguments:
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips in training."})
     crop_scale_min: float = field(
         default=0.08, metadata={"help": "Smallest area fraction kept by the random resized crop in training."}
+    )
+    augmentation: str = field(
+        default="default",
+        metadata={
+            "help": "Training augmentation: default (torchvision crop and flip sized from the image processor) or "
+            "deit (the DeiT recipe: timm's RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, bicubic; also "
+            "sets its mixing defaults: mixup_alpha 0.8, cutmix_alpha 1.0, switch_prob 0.5, label_smoothing 0.1).",
+            "choices": list(AUGMENTATIONS),
+        },
+    )
+    verify_images: bool = field(
+        default=False,
+        metadata={"help": "Read every training image once before training and list those that cannot be read "
+                  "(the validation images are always checked)."},
     )
 
     def __post_init__(self):
@@ -171,6 +188,8 @@ def parse_args(argv: list[str] | None = None):
             raise ValueError(f"Unknown settings in {argv[position + 1]}: {unknown}.")
         parser.set_defaults(**config_values)
         argv = argv[:position] + argv[position + 2 :]
+    if "deit" in argv and argv[argv.index("deit") - 1] == "--augmentation":
+        parser.set_defaults(**DEIT_RECIPE)  # the recipe's mixing settings, unless flags say otherwise
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -201,7 +220,10 @@ def last_checkpoint_of(training_args: TLAlignConfig) -> str | None:
         return None
     checkpoint = get_last_checkpoint(training_args.output_dir)
     if checkpoint is not None and training_args.resume_from_checkpoint is None:
-        logger.info(f"Checkpoint detected, resuming training at {checkpoint}. Change --output_dir to start afresh.")
+        logger.warning(
+            f"Checkpoint detected, resuming training at {checkpoint}. To train from scratch, change --output_dir "
+            "(or remove its checkpoint-* folders)."
+        )
     return checkpoint
 
 
@@ -221,8 +243,10 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, trai
         seed=training_args.seed,
         label_column_name=data_args.label_column_name,
     )
-    check_columns(dataset, data_args.image_column_name, data_args.label_column_name)
-    return dataset
+    verify = ["validation"] if training_args.do_eval else []  # a bad validation image would stop after training
+    if data_args.verify_images and training_args.do_train:
+        verify.append("train")
+    return prepare_image_dataset(dataset, data_args.image_column_name, data_args.label_column_name, verify)
 
 
 def load_model_and_processor(model_args: ModelArguments, label2id: dict, id2label: dict):
@@ -260,6 +284,9 @@ def load_model_and_processor(model_args: ModelArguments, label2id: dict, id2labe
 def select_split(dataset, name: str, max_samples: int | None, seed: int):
     if name not in dataset:
         raise ValueError(f"--do_{'train' if name == 'train' else 'eval'} requires a {name} split.")
+    if max_samples is not None and max_samples < 1:
+        option = "max_train_samples" if name == "train" else "max_eval_samples"
+        raise ValueError(f"--{option} must be at least 1 (got {max_samples}); leave it out to use the whole split.")
     split = dataset[name]
     if max_samples is not None:
         split = split.shuffle(seed=seed).select(range(min(max_samples, len(split))))
@@ -291,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         horizontal_flip=data_args.horizontal_flip,
         scale=(data_args.crop_scale_min, 1.0),
         seed=training_args.seed,
+        augmentation=deit_augmentation(image_processor) if data_args.augmentation == "deit" else None,
     )
     train_dataset = eval_dataset = None
     if training_args.do_train:

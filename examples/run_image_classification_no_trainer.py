@@ -58,7 +58,14 @@ from tl_align_hf import (
     to_tl_align,
 )
 from tl_align_hf.attention import ATTENTION_PATHS
-from tl_align_hf.data import check_columns, default_image_processor, make_transforms
+from tl_align_hf.data import (
+    AUGMENTATIONS,
+    DEIT_RECIPE,
+    default_image_processor,
+    deit_augmentation,
+    make_transforms,
+    prepare_image_dataset,
+)
 from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
 from tl_align_hf.metrics import ACCURACY_METRIC_PATH
 from tl_align_hf.model_card import model_card
@@ -124,12 +131,19 @@ def parse_args(argv=None):
     parser.add_argument("--horizontal_flip", type=transformers.hf_argparser.string_to_bool, default=True, nargs="?",
                         const=True, help="Random horizontal flips in training.")  # fmt: skip
     parser.add_argument("--crop_scale_min", type=float, default=0.08, help="Smallest area kept by the random crop.")
+    parser.add_argument("--augmentation", type=str, default="default", choices=AUGMENTATIONS,
+                        help="default (torchvision crop and flip) or deit (timm's RandAugment and random erasing, and "
+                        "the DeiT recipe's mixing defaults: mixup_alpha 0.8, switch_prob 0.5, label_smoothing 0.1).")  # fmt: skip
+    parser.add_argument("--verify_images", action="store_true",
+                        help="Read every training image before training (the validation images are always read).")  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="Train on the CPU even when an accelerator is present.")
     argv = list(argv) if argv is not None else None
     probe = parser.parse_known_args(argv)[0]
     use_digits = probe.dataset_name is None and probe.train_dir is None and probe.validation_dir is None
     if use_digits:  # the built-in default: its recipe, unless flags say otherwise
         parser.set_defaults(**DIGITS_DEFAULTS)
+    if probe.augmentation == "deit":
+        parser.set_defaults(**DEIT_RECIPE)
     mixing, args = parser.parse_args_into_dataclasses(args=argv)
     args.mixing, args.use_digits = mixing, use_digits
 
@@ -140,6 +154,9 @@ def parse_args(argv=None):
         raise ValueError(f"--gradient_accumulation_steps must be at least 1, got {args.gradient_accumulation_steps}.")
     if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
         raise ValueError(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {args.checkpointing_steps!r}.")
+    for option in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be at least 1 (got {getattr(args, option)}); leave it out to use all.")
     if (args.push_to_hub or args.with_tracking or args.checkpointing_steps) and args.output_dir is None:
         raise ValueError("--push_to_hub, --with_tracking and --checkpointing_steps need --output_dir.")
     return args
@@ -223,7 +240,8 @@ def main(argv=None):
         split = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         dataset["train"] = split["train"]
         dataset["validation"] = split["test"]
-    check_columns(dataset, args.image_column_name, args.label_column_name)
+    verify = ["validation", "train"] if args.verify_images else ["validation"]  # bad files named before training
+    dataset = prepare_image_dataset(dataset, args.image_column_name, args.label_column_name, verify)
 
     # Prepare label mappings.
     labels = dataset["train"].features[args.label_column_name].names
@@ -263,6 +281,7 @@ def main(argv=None):
         horizontal_flip=args.horizontal_flip,
         scale=(args.crop_scale_min, 1.0),
         seed=args.seed,
+        augmentation=deit_augmentation(image_processor) if args.augmentation == "deit" else None,
     )
     with accelerator.main_process_first():
         if args.max_train_samples is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -120,17 +121,19 @@ def pytest_configure(config):
 
 
 def _count_tl_builds():
-    """Count, per test, the TL models built (every TL __init__ and to_tl_align installs the hooks once)."""
+    """Count, per test, the TL models built: each TL ``__init__`` (and ``to_tl_align``) installs the hooks once."""
     from tl_align_hf.modeling import TLAlignMixin
 
-    original = TLAlignMixin.tl_align_install_hooks
+    name = "tl_align_install_hooks" if hasattr(TLAlignMixin, "tl_align_install_hooks") else "__init__"
+    original = getattr(TLAlignMixin, name)
 
-    def tl_align_install_hooks(self):
+    @functools.wraps(original)
+    def counted(self, *args, **kwargs):
         test = _CURRENT_TEST[0] or "<outside a test>"
         _TL_BUILDS[test] = _TL_BUILDS.get(test, 0) + 1
-        return original(self)
+        return original(self, *args, **kwargs)
 
-    TLAlignMixin.tl_align_install_hooks = tl_align_install_hooks
+    setattr(TLAlignMixin, name, counted)
 
 
 def _replacements(mode: str) -> dict:
@@ -360,16 +363,21 @@ def _versions(env: dict) -> dict:
     return versions
 
 
-def _snapshot_package(raw_dir: Path) -> tuple[Path, str]:
-    """Copy tl_align_hf as it is now, so that every run of this session tests the same code; return (dir, hash)."""
+def _snapshot_package(raw_dir: Path, copy: bool = True) -> tuple[Path, Path | None]:
+    """(the tl_align_hf source folder, the folder holding a copy of it taken now, or None without ``copy``).
+
+    With the copy on PYTHONPATH, every run of this session tests the same code, even if the source changes meanwhile.
+    """
     probe = _python("import os, tl_align_hf; print(os.path.dirname(tl_align_hf.__file__))", _env())
     if probe.returncode:
         sys.exit(f"tl_align_hf does not import:\n{probe.stderr[-3000:]}")
     source = Path(probe.stdout.strip().splitlines()[-1])
+    if not copy:
+        return source, None
     snapshot = raw_dir / "package_snapshot"
     shutil.rmtree(snapshot, ignore_errors=True)
     shutil.copytree(source, snapshot / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return snapshot, _package_hash(snapshot / source.name)
+    return source, snapshot
 
 
 def _package_hash(package_dir: Path) -> str:
@@ -379,9 +387,17 @@ def _package_hash(package_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _git_head(path: Path) -> str | None:
-    probe = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return probe.stdout.strip() or None if probe.returncode == 0 else None
+def _git_state(path: Path) -> str | None:
+    """``<short HEAD>`` plus ``+local changes`` when the package has uncommitted changes (read-only git calls)."""
+    head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return None
+    status = subprocess.run(
+        ["git", "--no-optional-locks", "-C", str(path), "status", "--porcelain", "--", "."],
+        capture_output=True,
+        text=True,
+    )
+    return head.stdout.strip() + (" +local changes" if status.stdout.strip() else "")
 
 
 def _check_requirements(tests_dir: Path, families) -> None:
@@ -530,7 +546,8 @@ def _skip_reason(record: dict | None) -> str | None:
     """A skipped test's reason, TL names mapped back (a changed reason is listed among the other changes)."""
     if not record or record["outcome"] != "skipped":
         return None
-    return re.sub(r"\bTLAlign(?=\w)", "", " ".join(record.get("message", [])))
+    reason = re.sub(r"<class '[^']*'>", "<class>", " ".join(record.get("message", [])))
+    return re.sub(r"\bTLAlign(?=\w)", "", reason)
 
 
 def _family_meta(tests_dir: Path, family: str, versions: dict, args) -> dict:
@@ -696,7 +713,7 @@ def _markdown(report: dict) -> str:
         f"# TL-Align classes against transformers' model tests ({report['date']})",
         "",
         f"transformers {versions['transformers']}, torch {versions['torch']}, pytest {versions['pytest']}, "
-        f"Python {versions['python']}; tl_align_hf {report['package']['hash']} (git {report['package']['git_head']}, "
+        f"Python {versions['python']}; tl_align_hf {report['package']['hash']} (git {report['package']['git']}, "
         f"{report['package']['tested_from']}); tests from `{report['tests_dir']}`; total {report['total_wall_s']:.0f} s.",
         "",
         "    " + report["command"],
@@ -729,7 +746,8 @@ def _markdown(report: dict) -> str:
         for row in fam["fixed_in_tl"]:
             lines.append(f"- passes only with the TL class: `{row['test']}` ({row['baseline']} -> {row['tl']})")
         for row in fam["other_changes"]:
-            lines.append(f"- other change: `{row['test']}` ({row['baseline']} -> {row['tl']}); {_describe(row)}")
+            what = "skip reason changed" if row["baseline"] == row["tl"] == "skipped" else "other change"
+            lines.append(f"- {what}: `{row['test']}` ({row['baseline']} -> {row['tl']}); {_describe(row)}")
         for row in named.get("regressions", []):
             lines.append(
                 f"- named-TL regression: `{row['test']}` ({row['baseline']} -> {row['tl']}); {_describe(row)}"
@@ -791,15 +809,11 @@ def main(argv=None) -> int:
     _check_requirements(tests_dir, families)
     raw_dir = args.out / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    snapshot, package_hash = (None, None) if args.no_snapshot else _snapshot_package(raw_dir)
+    source_dir, snapshot = _snapshot_package(raw_dir, copy=not args.no_snapshot)
+    package_hash = _package_hash(source_dir if snapshot is None else snapshot / source_dir.name)
+    git_state = _git_state(source_dir)
     env = _env(args.run_slow, snapshot)
     versions = _versions(env)
-    package_dir = Path(versions["tl_align_hf_file"]).parent
-    if snapshot is None:
-        package_hash = _package_hash(package_dir)
-    source_dir = Path(
-        _python("import os, tl_align_hf; print(os.path.dirname(tl_align_hf.__file__))", _env()).stdout.strip()
-    )
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_family, family, tests_dir, raw_dir, versions, args, env) for family in families]
@@ -811,7 +825,7 @@ def main(argv=None) -> int:
         "versions": versions,
         "package": {
             "hash": package_hash,
-            "git_head": _git_head(source_dir),
+            "git": git_state,
             "source": str(source_dir),
             "tested_from": "a snapshot taken at the start" if snapshot is not None else "the source tree in place",
         },

@@ -61,3 +61,11 @@ __all__ = [
     "tl_align_model_card",
     "to_tl_align",
 ]
+
+try:  # the timm family, where timm (an optional extra) is installed
+    from .timm_models import TLAlignTimmWrapperForImageClassification
+except ModuleNotFoundError as error:
+    if (error.name or "").partition(".")[0] != "timm":
+        raise
+else:
+    __all__ += ["TLAlignTimmWrapperForImageClassification"]

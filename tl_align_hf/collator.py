@@ -24,15 +24,22 @@ from .mixer import MixingSettings, TLAlignMixer, mixing_generator
 _DIGEST_SAMPLES_PER_SIDE = 16  # pixels per image side that enter the batch digest (about 16 x 16 x C per image)
 
 
-def batch_digest(pixel_values: torch.Tensor, labels: torch.Tensor) -> int:
+def batch_digest(pixel_values: torch.Tensor, labels: torch.Tensor, check_finite: bool = False) -> int:
     """A 63-bit digest of a batch: its labels and a strided sample of its pixels (`(B, C, H, W)`, `(B,)`).
 
     Any change of a label, of the order of the samples or of the sampled pixels gives another digest; hashing a
     `16 x 16` grid per image instead of every pixel keeps it well under a millisecond for 128 images of 224 px.
+    With `check_finite`, a NaN or infinite value among the sampled pixels raises a ValueError naming the images.
     """
     height, width = pixel_values.shape[-2:]
     rows, cols = max(1, height // _DIGEST_SAMPLES_PER_SIDE), max(1, width // _DIGEST_SAMPLES_PER_SIDE)
     sample = pixel_values[:, :, ::rows, ::cols].detach().float().cpu().contiguous()
+    if check_finite and not bool(torch.isfinite(sample).all()):
+        bad = (~torch.isfinite(sample)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"pixel_values of examples {bad} hold NaN or infinite values: training on them makes the model NaN. "
+            "Check the transform (e.g. an image_std of 0) and the image files."
+        )
     digest = hashlib.blake2b(sample.numpy().tobytes(), digest_size=8)
     digest.update(labels.cpu().numpy().astype(np.int64).tobytes())
     return int.from_bytes(digest.digest(), "little") >> 1
@@ -111,6 +118,7 @@ class TLAlignCollator:
     Args:
         mixer: the :class:`TLAlignMixer` that mixes each stacked batch.
         num_labels: number of classes; labels must be in `[0, num_labels)`.
+        num_channels: channels the model expects (`config.num_channels`); images must have them.
         seed: seed of the draws; `None` takes `torch.initial_seed()` when the collator is built (so
             `transformers.set_seed` / `torch.manual_seed` before building it control it).
         rank: process rank, mixed into the draws so that processes differ even on equal batches; `None` reads
@@ -121,6 +129,7 @@ class TLAlignCollator:
 
     mixer: TLAlignMixer = field(default_factory=TLAlignMixer)
     num_labels: int | None = None
+    num_channels: int | None = None
     seed: int | None = None
     rank: int | None = None
     label_column_name: str | None = None
@@ -129,8 +138,8 @@ class TLAlignCollator:
     def __post_init__(self) -> None:
         if not isinstance(self.mixer, TLAlignMixer):
             raise TypeError(f"`mixer` must be a TLAlignMixer, got {type(self.mixer).__name__}.")
-        for name in ("num_labels", "seed", "rank", "epoch"):
-            value, low = getattr(self, name), 1 if name == "num_labels" else 0
+        for name in ("num_labels", "num_channels", "seed", "rank", "epoch"):
+            value, low = getattr(self, name), 1 if name in ("num_labels", "num_channels") else 0
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ValueError(f"`{name}` must be None or an int >= {low}, got {value!r}.")
         if self.seed is None:
@@ -155,8 +164,10 @@ class TLAlignCollator:
         """
         config = getattr(model_or_config, "config", model_or_config)
         num_labels = kwargs.pop("num_labels", getattr(config, "num_labels", None))
+        vision_config = getattr(config, "vision_config", None) or config
+        num_channels = kwargs.pop("num_channels", getattr(vision_config, "num_channels", None))
         mixer = TLAlignMixer.from_model(config, settings, **kwargs)
-        return cls(mixer, num_labels=num_labels, seed=seed, rank=rank, label_column_name=label_column_name)
+        return cls(mixer, num_labels, num_channels, seed=seed, rank=rank, label_column_name=label_column_name)
 
     def set_epoch(self, epoch: int) -> None:
         """Use `epoch` in the draws from now on (DataLoader workers started afterwards take it over)."""
@@ -165,7 +176,7 @@ class TLAlignCollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate and mix `examples` (B dicts) into the batch described in the class docstring."""
         pixel_values, labels = self._stack(examples, labels_required=True)
-        generator = mixing_generator(self.seed, self._rank(), self.epoch, batch_digest(pixel_values, labels))
+        generator = mixing_generator(self.seed, self._rank(), self.epoch, batch_digest(pixel_values, labels, check_finite=True))
         mixed = self.mixer(pixel_values, generator)
         return {"pixel_values": mixed.pop("pixel_values"), "labels": labels, **mixed}
 
@@ -196,6 +207,12 @@ class TLAlignCollator:
                     f"{tuple(images[0].shape)}; all images in a batch must have the same size (resize or crop in "
                     "the transform)."
                 )
+        if self.num_channels is not None and images[0].shape[0] != self.num_channels:
+            raise ValueError(
+                f"pixel_values have {images[0].shape[0]} channels but the model expects {self.num_channels} "
+                f"(config.num_channels): convert the images in the transform (e.g. to {'grayscale' if self.num_channels == 1 else 'RGB'}), "
+                "or build the model with a matching num_channels."
+            )
         self.mixer.check_image_size(images[0].shape[-2:], "image size")
         labels = self._labels(examples, labels_required)
         return torch.stack(images), labels

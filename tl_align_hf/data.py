@@ -18,9 +18,12 @@ transforms attached with `dataset.with_transform`), with these choices:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,11 +102,19 @@ def _split_train(train: Dataset, train_val_split: float | None, seed: int, label
 # ---------------------------------------------------------------- checks and label maps
 
 
+IMAGEFOLDER_LAYOUT = (
+    "An image folder must be laid out as <split folder>/<class name>/<image> (e.g. train/cat/1.png, train/dog/2.png, "
+    "validation/cat/3.png), with every image at that same depth in train_dir and validation_dir and at least two "
+    "class folders: datasets' imagefolder infers the labels from the class folder names only then."
+)
+
+
 def check_columns(
     dataset: Dataset | DatasetDict, image_column_name: str = "image", label_column_name: str = "label"
 ) -> None:
-    """Raise a ValueError that names the fix unless every split has an `Image` column, a `ClassLabel` column
-    with the same label names in all splits, and at least one row."""
+    """Raise a ValueError that names the fix unless every split has an `Image` column, a `ClassLabel` column with
+    the same label names (at least two) in all splits, and at least one row; warn about validation classes that
+    the training split lacks."""
     splits = dataset.items() if isinstance(dataset, DatasetDict) else [("dataset", dataset)]
     label_names = {}
     for split_name, split in splits:
@@ -114,9 +125,32 @@ def check_columns(
             f"The splits have different label names for {label_column_name!r}: {label_names}. Cast every split "
             f"to the same labels, e.g. dataset = dataset.cast_column({label_column_name!r}, ClassLabel(names=...))."
         )
+    names = next(iter(label_names.values()))
+    if len(names) < 2:
+        raise ValueError(
+            f"The data has {len(names)} class ({names}): TL-Align trains on mixes of two labels and needs at least two "
+            f"classes (with one, the loss is 0 and the accuracy 1). {IMAGEFOLDER_LAYOUT}"
+        )
+    if isinstance(dataset, DatasetDict) and {"train", "validation"} <= set(dataset):
+        _warn_about_classes_without_training_images(dataset, label_column_name, names)
+
+
+def _warn_about_classes_without_training_images(dataset: DatasetDict, label_column_name: str, names: list) -> None:
+    present = {split: set(dataset[split].with_format(None)[label_column_name]) for split in ("train", "validation")}
+    unseen = sorted(present["validation"] - present["train"])
+    if unseen:
+        logger.warning(
+            "The validation split has classes that the training split has no images of: %s. The model cannot learn "
+            "them, and their validation images count as errors; check train_dir (or the split).",
+            ", ".join(str(names[index]) for index in unseen),
+        )
 
 
 def _check_split(split_name: str, split: Dataset, image_column_name: str, label_column_name: str) -> None:
+    if label_column_name not in split.column_names and split.column_names == [image_column_name]:
+        raise ValueError(
+            f"Split {split_name!r} has images but no labels (columns: {split.column_names}). {IMAGEFOLDER_LAYOUT}"
+        )
     for column, option in ((image_column_name, "image_column_name"), (label_column_name, "label_column_name")):
         if column not in split.column_names:
             raise ValueError(
@@ -134,6 +168,62 @@ def _check_split(split_name: str, split: Dataset, image_column_name: str, label_
             f"Split {split_name!r} is empty (0 rows). Check that train_dir / validation_dir hold images in "
             "<class name>/ sub-folders, and that max_train_samples / max_eval_samples are not 0."
         )
+
+
+def prepare_image_dataset(
+    dataset: DatasetDict, image_column_name: str = "image", label_column_name: str = "label", verify_splits=()
+) -> DatasetDict:
+    """`check_columns`, then the images of `verify_splits` read once (a ValueError lists the unreadable files),
+    then the image column left undecoded (`Image(decode=False)`): the transforms decode it, and a file that cannot
+    be read later stops the run with its name instead of deep inside `datasets`."""
+    check_columns(dataset, image_column_name, label_column_name)
+    for split_name in verify_splits:
+        unreadable = find_unreadable_images(dataset[split_name], image_column_name) if split_name in dataset else []
+        if unreadable:
+            listed = "\n".join(f"  {path}: {error}" for _, path, error in unreadable[:20])
+            more = f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
+            raise ValueError(
+                f"{len(unreadable)} image(s) of split {split_name!r} cannot be read:\n{listed}{more}\nRemove or "
+                "replace them (or drop their rows with dataset.filter) and run again."
+            )
+    return dataset.cast_column(image_column_name, ImageFeature(decode=False))
+
+
+def find_unreadable_images(split: Dataset, image_column_name: str = "image") -> list[tuple[int, str, str]]:
+    """`(row, file, error)` of every image in `split` that PIL cannot open and decode, without the split's transform.
+
+    Reads each file once (about a millisecond for a small PNG); use it before training, when a bad file would
+    otherwise stop the run at its batch (or, in the validation split, after training).
+    """
+    raw = split.with_format(None).cast_column(image_column_name, ImageFeature(decode=False))
+    unreadable = []
+    for row, value in enumerate(raw[image_column_name]):
+        try:
+            decode_image(value)
+        except ValueError as error:
+            unreadable.append((row, value.get("path") or f"row {row}", str(error.__cause__ or error)))
+    return unreadable
+
+
+def decode_image(value: Any) -> Image.Image:
+    """A PIL image from a decoded image or an undecoded `datasets.Image` value ({"bytes", "path"}), fully read.
+
+    Raises a ValueError that names the file and how to drop it when it cannot be read.
+    """
+    if isinstance(value, Image.Image):
+        return value
+    path = value.get("path") if isinstance(value, Mapping) else None
+    try:
+        source = io.BytesIO(value["bytes"]) if isinstance(value, Mapping) and value.get("bytes") else path
+        image = Image.open(source)
+        image.load()
+        return image
+    except (OSError, SyntaxError, ValueError, TypeError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(
+            f"Cannot read the image {path or value!r}: {error}. Remove or replace the file (or drop its row, e.g. "
+            "dataset = dataset.filter(...)); run with --verify_images to list every unreadable image before "
+            "training."
+        ) from error
 
 
 def _class_label(split: Dataset, label_column_name: str, split_name: str = "train") -> ClassLabel:
@@ -226,14 +316,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _images(batch: Mapping[str, list], image_column_name: str) -> list[Image.Image]:
+    """The batch's images as RGB: decoded `datasets.Image` values, or undecoded ones (`Image(decode=False)`, whose
+    read errors then name the file)."""
     images = batch[image_column_name]
     for image in images:
-        if not isinstance(image, Image.Image):
+        if not isinstance(image, Image.Image | Mapping):
             raise TypeError(
                 f"Column {image_column_name!r} holds {type(image).__name__}, not PIL images; decode it with "
                 f"dataset = dataset.cast_column({image_column_name!r}, datasets.Image())."
             )
-    return [to_rgb(image) for image in images]
+    return [to_rgb(decode_image(image)) for image in images]
 
 
 def _with_labels(batch: Mapping[str, list], label_column_name: str, pixel_values: list) -> dict[str, list]:
@@ -280,9 +372,24 @@ class TrainTransform:
 
     def augment(self, image: Image.Image) -> torch.Tensor:
         """One RGB image -> float32 tensor (3, height, width), randomised by (seed, epoch, pixels)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_example_seed(self.seed, self.epoch, image))
+        with _seeded_global_generators(_example_seed(self.seed, self.epoch, image)):
             return self.augmentation(image)
+
+
+@contextlib.contextmanager
+def _seeded_global_generators(seed: int):
+    """Seed torch's, Python's and NumPy's global generators (torchvision draws from the first, timm's RandAugment
+    and random erasing from the other two), and restore their states afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 @dataclass
@@ -326,6 +433,36 @@ def train_augmentation(
     if getattr(image_processor, "do_normalize", False):
         steps.append(v2.Normalize(image_processor.image_mean, image_processor.image_std))
     return v2.Compose(steps)
+
+
+# The DeiT recipe (Touvron et al., 2021; the official TL-Align code trains with it): its training augmentation,
+# built by `deit_augmentation`, and its mixing settings and label smoothing, which the example scripts' option
+# `--augmentation deit` sets as defaults (flags given with it still win). The cut-style method is TL-Align's own
+# default, the box on the patch grid.
+DEIT_RECIPE = dict(mixing_method="token_cutmix", cutmix_alpha=1.0, mixup_alpha=0.8, switch_prob=0.5, mix_prob=1.0,
+                   label_smoothing=0.1)  # fmt: skip
+AUGMENTATIONS = ("default", "deit")
+
+
+def deit_augmentation(image_processor) -> Any:
+    """The DeiT recipe's training augmentation, by timm's `create_transform`: random resized crop (bicubic),
+    horizontal flip, RandAugment `rand-m9-mstd0.5-inc1`, normalisation with the processor's mean and std, then
+    random erasing (probability 0.25, per-pixel noise). Needs `pip install tl-align-hf[timm]`."""
+    try:
+        from timm.data import create_transform
+    except ImportError as error:
+        raise ImportError("--augmentation deit builds timm's RandAugment: pip install 'tl-align-hf[timm]'.") from error
+    return create_transform(
+        input_size=processor_image_size(image_processor),
+        is_training=True,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=tuple(image_processor.image_mean),
+        std=tuple(image_processor.image_std),
+    )
 
 
 def make_transforms(

@@ -55,12 +55,12 @@ def mixing_loss(
     """Soft-target cross-entropy of `(B, C)` ``logits`` against :func:`mixed_soft_targets`."""
     if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
-    _check_labels(logits, labels, mix_index)
+    _check_labels(logits, labels, mix_index, own_share)
     targets = mixed_soft_targets(labels, mix_index, own_share, logits.shape[-1], label_smoothing)
     return soft_target_cross_entropy(logits, targets, reduction)
 
 
-def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.Tensor) -> None:
+def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.Tensor, own_share: torch.Tensor) -> None:
     """Shapes and dtypes on the host; value ranges only where they cost no device sync (CPU, not compiling)."""
     batch_size, num_classes = logits.shape[0], logits.shape[-1]
     for name, value in (("labels", labels), ("mix_index", mix_index)):
@@ -69,6 +69,8 @@ def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.T
                 f"`{name}` must be a ({batch_size},) integer tensor (one entry per image of the logits), got dtype "
                 f"{value.dtype} and shape {tuple(value.shape)}."
             )
+    if tuple(own_share.shape) != (batch_size,):
+        raise ValueError(f"`own_share` must have shape ({batch_size},) (one share per image), got {tuple(own_share.shape)}.")
     if labels.device.type != "cpu" or torch.compiler.is_compiling() or not batch_size:
         return
     for name, value, high, fix in (
@@ -80,6 +82,11 @@ def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.T
                 f"`{name}` must hold values in [0, {high}) ({fix}), got values in [{int(value.min())}, "
                 f"{int(value.max())}]."
             )
+    if bool(((own_share < 0) | (own_share > 1)).any()):  # NaN passes: it comes from the model, flagged as a NaN loss
+        raise ValueError(
+            f"`own_share` must hold shares in [0, 1] (aligned_lam or mix_lam), got values in "
+            f"[{own_share.min().item():.4g}, {own_share.max().item():.4g}]."
+        )
 
 
 def _head_logits(outputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -290,6 +290,11 @@ class TLAlignMixer:
     def check_image_size(self, image_size: Sequence[int], name: str = "image_size") -> None:
         """Raise a ValueError unless `(height, width)` is a whole number of patches (and the expected size)."""
         height, width = image_size
+        if height < self.patch_size[0] or width < self.patch_size[1]:
+            raise ValueError(
+                f"{name} {height}x{width} is smaller than one patch ({self.patch_size[0]}x{self.patch_size[1]}): "
+                "resize the images to the model's image_size, or use a model with a smaller patch_size."
+            )
         if height % self.patch_size[0] or width % self.patch_size[1]:
             raise ValueError(
                 f"{name} {height}x{width} is not divisible by patch_size {self.patch_size[0]}x{self.patch_size[1]}; "

@@ -488,3 +488,12 @@ def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
     model.tl_align_route_attention()
     model.tl_align_install_hooks()
     return model
+
+
+try:  # timm is an optional extra: the timm family (tl_align_hf/timm_models.py) registers itself where it is installed
+    from .timm_models import TLAlignTimmWrapperForImageClassification
+except ModuleNotFoundError as error:
+    if (error.name or "").partition(".")[0] != "timm":
+        raise
+else:
+    ALIGNED_CLASSES[TLAlignTimmWrapperForImageClassification.tl_align_parent] = TLAlignTimmWrapperForImageClassification

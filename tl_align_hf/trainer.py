@@ -6,9 +6,11 @@ import contextlib
 import os
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import DefaultDataCollator, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
 from .data import set_train_epoch
@@ -84,6 +86,20 @@ class TLAlignTrainer(Trainer):
         args = _as_tl_align_config(args)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("TLAlignTrainer computes the aligned loss itself; remove `compute_loss_func`.")
+        num_labels = getattr(model.config, "num_labels", None)
+        if num_labels is not None and num_labels < 2:
+            raise ValueError(
+                f"TL-Align needs at least two classes, but the model has num_labels={num_labels}: a mixed target is a "
+                "share between two labels (with one class the loss is 0 and the accuracy 1). Check the label column."
+            )
+        if data_collator is default_data_collator or isinstance(data_collator, DefaultDataCollator):
+            raise ValueError(
+                f"data_collator={data_collator!r} does not mix (no mix_index / token_weights / mix_lam), so mixing_method="
+                f"{args.mixing_method!r} would be silently ignored. Leave data_collator unset (TLAlignTrainer builds a "
+                "TLAlignCollator), or pass TLAlignCollator.from_model(model, args)."
+            )
+        if args.should_save:
+            check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
         model.tl_align_attention_path = args.tl_align_attention_path
         if data_collator is None:
@@ -95,8 +111,50 @@ class TLAlignTrainer(Trainer):
             compute_metrics=compute_metrics or compute_accuracy_metrics,
             **kwargs,
         )
+        self._check_labels_in_range(num_labels)
         self._alignment_sums = None  # summed `mixed_batch_loss` statistics since the last log, on the device
+        self._non_finite_loss = None  # a device flag: some training loss since the last log was NaN or infinite
+        self._last_logged_step = 0
+        self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
+        self.training_record = TrainingRecord(
+            {**args.mixing_settings_dict(), "tl_align": args.tl_align, "label_smoothing": args.label_smoothing},
+            num_processes=args.world_size,
+        )
+        self.add_callback(self.training_record)
         self.add_callback(_EpochCallback(self))
+
+    def _check_labels_in_range(self, num_labels: int | None) -> None:
+        """Labels of the datasets' label column must be class ids of the model: checked now, not after training."""
+        column = getattr(self.data_collator, "label_column_name", None)
+        for split_name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            if not hasattr(dataset, "with_format") or num_labels is None:
+                continue
+            names = [column] if column else [name for name in ("labels", "label") if name in dataset.column_names]
+            if not names or names[0] not in dataset.column_names:
+                continue
+            labels = dataset.with_format(None)[names[0]]  # the raw column: no transform, no image decoding
+            bad = sorted({label for label in labels if isinstance(label, int) and not 0 <= label < num_labels})
+            if bad:
+                raise ValueError(
+                    f"{split_name} has labels {bad[:10]} in column {names[0]!r} outside the model's classes [0, "
+                    f"{num_labels}): check the label column and the model's num_labels / label2id."
+                )
+
+    # ----------------------------------------------------------------------------------------------- train
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """`Trainer.train`, after checking that a checkpoint to resume from is whole."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            missing = [name for name in ("trainer_state.json",) if not os.path.isfile(os.path.join(resume_from_checkpoint, name))]
+            if missing or not os.path.isdir(resume_from_checkpoint):
+                raise ValueError(
+                    f"{resume_from_checkpoint} is not a complete checkpoint (no {', '.join(missing) or 'folder'}): it "
+                    "was not written by Trainer, or its save was interrupted. Resume from an earlier checkpoint-N, "
+                    "or remove this folder."
+                )
+        self.training_record.resumed_from = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- data
     @contextlib.contextmanager
@@ -130,27 +188,41 @@ class TLAlignTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """[`mixed_batch_loss`] on mixed training batches; plain cross-entropy otherwise (evaluation).
+        """[`mixed_batch_loss`] on training batches; plain cross-entropy otherwise (evaluation).
 
         With `num_items_in_batch` (the samples of all accumulated micro-batches, across processes), the loss is
         the sum over this micro-batch divided by it, so gradient accumulation equals one large batch.
         """
-        mixing = {name: inputs[name] for name in MIXING_KEYS if name in inputs}
-        if not (model.training and len(mixing) == len(MIXING_KEYS)):
+        if not model.training:
             outputs = model(pixel_values=inputs["pixel_values"])
             loss = torch.nn.functional.cross_entropy(outputs.logits.float(), inputs["labels"])
             return (loss, outputs) if return_outputs else loss
-        outputs = model(pixel_values=inputs["pixel_values"], **(mixing if self.args.tl_align else {}))
+        missing = [name for name in MIXING_KEYS if name not in inputs]
+        if missing and self.args.mixing_method != "none":
+            raise ValueError(
+                f"The training batches have no {', '.join(missing)} (keys: {sorted(inputs)}), so "
+                f"mixing_method={self.args.mixing_method!r} cannot be applied: the data collator "
+                f"({type(self.data_collator).__name__}) does not mix. Use TLAlignCollator (the default when "
+                "data_collator is not given), or set mixing_method='none' for unmixed training."
+            )
+        if missing:  # mixing_method="none" with a collator of the user's: each image is its own partner
+            batch_size = inputs["labels"].shape[0]
+            inputs = {**inputs, "mix_index": torch.arange(batch_size, device=inputs["labels"].device),
+                      "mix_lam": torch.ones(batch_size, device=inputs["labels"].device)}  # fmt: skip
+        aligned = self.args.tl_align and not missing
+        outputs = model(pixel_values=inputs["pixel_values"], **({name: inputs[name] for name in MIXING_KEYS} if aligned else {}))
         scale_over_processes = num_items_in_batch is not None and self.args.average_tokens_across_devices
         loss, alignment_sums = mixed_batch_loss(
             outputs,
             inputs,
-            tl_align=self.args.tl_align,
+            tl_align=aligned,
             label_smoothing=self.args.label_smoothing,
             num_items_in_batch=num_items_in_batch,
             num_processes=self.accelerator.num_processes if scale_over_processes else 1,
         )
         self._alignment_sums = alignment_sums if self._alignment_sums is None else self._alignment_sums + alignment_sums
+        non_finite = ~torch.isfinite(loss.detach())  # kept on the device; read when logging
+        self._non_finite_loss = non_finite if self._non_finite_loss is None else self._non_finite_loss | non_finite
         return (loss, outputs) if return_outputs else loss
 
     # ----------------------------------------------------------------------------------------------- logging
@@ -162,9 +234,30 @@ class TLAlignTrainer(Trainer):
         if "loss" in logs and self._alignment_sums is not None:
             logs.update(alignment_metrics(self.accelerator.reduce(self._alignment_sums, reduction="sum")))
             self._alignment_sums = None
+            if bool(self.accelerator.reduce(self._non_finite_loss.float(), reduction="sum") > 0):
+                raise RuntimeError(
+                    f"A training loss was NaN or infinite after step {self._last_logged_step} and by step "
+                    f"{self.state.global_step} (the logged loss hides it: Trainer's logging_nan_inf_filter). Check the "
+                    "images (NaN or infinite pixels), the learning rate and fp16 overflow; the last checkpoint was "
+                    "saved before this."
+                )
+            self._non_finite_loss, self._last_logged_step = None, self.state.global_step
         super().log(logs, start_time)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written into a staging folder and renamed into place when complete (see
+        `tl_align_hf.checkpoints.atomic_checkpoint_save`): a kill or a full disk never leaves a partial checkpoint-N."""
+        with atomic_checkpoint_save(self, super()._get_output_dir(trial)) as staging_dir:
+            self._staging_dir = staging_dir
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_dir = None
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load weights the way `from_pretrained` does, with its key conversion (transformers issue 43701)."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -191,11 +284,12 @@ class TLAlignTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
+        trained = dict(self.training_record.trained_settings)  # the checkpoint's, if it was resumed with nothing to do
         card = tl_align_model_card(
             self,
             **kwargs,
-            mixing=self.args.mixing_settings_dict(),
-            tl_align=self.args.tl_align,
-            label_smoothing=self.args.label_smoothing,
+            tl_align=trained.pop("tl_align"),
+            label_smoothing=trained.pop("label_smoothing"),
+            mixing=trained,
         )
         card.save(os.path.join(self.args.output_dir, "README.md"))
