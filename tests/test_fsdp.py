@@ -3,11 +3,12 @@ steps, and resume from a checkpoint to the weights of the uninterrupted run.
 
 Accelerate 1.15 builds its FSDP state only on GPU-like devices: on a CPU process group it keeps
 `DistributedType.MULTI_CPU` and wraps the model in DDP, silently, whatever the config says (FSDP1 and FSDP2 alike;
-the Trainer's `--fsdp` too). The `*_falls_back_to_ddp` tests pin that, and those runs are the DDP references. The
-FSDP runs start the example scripts through `RecordingAccelerator` below, which switches the CPU state to the one
-Accelerate builds on GPUs (distributed type FSDP, the plugin from the launcher's or the Trainer's settings); from
-there on everything is Accelerate's own FSDP2 code: `fully_shard` per ViTLayer, sharded checkpoints, the full
-state dict gathered for saving. docs/distributed.md ("FSDP and DeepSpeed on CPU") has the commands and numbers.
+the Trainer's `--fsdp` too). The `*_falls_back_to_ddp_on_cpu` tests pin that. The FSDP runs start the example
+scripts through `RecordingAccelerator` below, which switches the CPU state to the one Accelerate builds on GPUs
+(distributed type FSDP, the plugin from the launcher's or the Trainer's settings); from there on everything is
+Accelerate's own FSDP2 code: `fully_shard` per ViTLayer, sharded checkpoints, the full state dict gathered for
+saving. The references are the same commands without FSDP (DDP, as tests/test_distributed.py launches them).
+docs/distributed.md ("FSDP and DeepSpeed on CPU") has the commands and numbers.
 
 The no-Trainer runs use examples/accelerate_configs/fsdp_cpu.yaml (SHARDED_STATE_DICT checkpoints); the Trainer
 runs use transformers' own `--fsdp --fsdp_config` under torchrun (FULL_STATE_DICT, so that `save_model` writes the
@@ -27,7 +28,7 @@ import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from .test_distributed import NUM_PROCESSES, ROOT, free_port, launch, torchrun
+from .test_distributed import NUM_PROCESSES, ROOT, accelerate_launch, free_port, launch, torchrun
 from .test_no_trainer import EXAMPLES, run_arguments
 
 
@@ -155,14 +156,47 @@ TRAINER_RUN = RECORDING_ACCELERATOR + textwrap.dedent(
 )
 
 
+# What Accelerate and the Trainer set up for FSDP settings on a CPU process group (no training).
+ACCELERATE_PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from accelerate import Accelerator
+    from tests.test_distributed import tiny_aligned_model
+
+    accelerator = Accelerator(cpu=True)  # as the no-Trainer script with --cpu
+    model = tiny_aligned_model()
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    with open(os.path.join(sys.argv[1], f"probe_{accelerator.process_index}.json"), "w") as file:
+        json.dump({"requested": os.environ.get("ACCELERATE_USE_FSDP"), "fsdp_version": os.environ.get("FSDP_VERSION"),
+                   "distributed_type": str(accelerator.distributed_type), "model_class": type(model).__name__,
+                   "fsdp_plugin": getattr(accelerator.state, "fsdp_plugin", None) is not None}, file)
+    """
+)
+TRAINER_PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    from tests.test_distributed import tiny_aligned_model
+    from tl_align_hf import TLAlignConfig, TLAlignTrainer
+
+    args = TLAlignConfig(output_dir=os.path.join(sys.argv[1], "out"), use_cpu=True, report_to="none",
+                         fsdp=True, fsdp_config=json.loads(sys.argv[2]))
+    trainer = TLAlignTrainer(model=tiny_aligned_model(), args=args)
+    with open(os.path.join(sys.argv[1], f"probe_{args.process_index}.json"), "w") as file:
+        json.dump({"requested": args.fsdp_plugin_args, "distributed_type": str(trainer.accelerator.distributed_type),
+                   "is_fsdp_enabled": trainer.is_fsdp_enabled, "world_size": args.world_size}, file)
+    """
+)
+
+
 def write_runner(tmp_path: Path, template: str) -> Path:
     script = tmp_path / "runner.py"
     script.write_text(template.format(examples=str(EXAMPLES)))
     return script
 
 
-def ranks(folder: Path) -> list[dict]:
-    return [json.loads((folder / f"rank_{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
+def ranks(folder: Path, prefix: str = "rank") -> list[dict]:
+    return [json.loads((folder / f"{prefix}_{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
 
 
 def accelerate_launch_fsdp(script: Path, *args: str, cwd: Path):
@@ -213,11 +247,13 @@ def no_trainer_argv(digits, tiny_checkpoint, output_dir, **options) -> list[str]
 
 @pytest.fixture(scope="module")
 def no_trainer_ddp(digits, tiny_checkpoint, tmp_path_factory) -> Path:
-    """The FSDP config launched as it is: Accelerate runs DDP on the CPU."""
+    """The same command without FSDP: DDP (`accelerate launch --multi_gpu`, the script's --cpu)."""
     folder = tmp_path_factory.mktemp("no_trainer_ddp")
     script = write_runner(folder, NO_TRAINER_RUN)
-    accelerate_launch_fsdp(script, str(folder), "observe", *no_trainer_argv(digits, tiny_checkpoint, folder / "out"),
-                           cwd=ROOT)  # fmt: skip
+    argv = no_trainer_argv(digits, tiny_checkpoint, folder / "out")
+    accelerate_launch(script, str(folder), "observe", *argv, cwd=ROOT)
+    for rank in ranks(folder):
+        assert rank["model_class"] == "DistributedDataParallel", rank
     return folder
 
 
@@ -231,10 +267,19 @@ def no_trainer_fsdp(digits, tiny_checkpoint, tmp_path_factory) -> Path:
     return folder
 
 
-def test_no_trainer_fsdp_config_falls_back_to_ddp_on_cpu(no_trainer_ddp):
-    for rank in ranks(no_trainer_ddp):
-        assert rank["distributed_type"] == "DistributedType.MULTI_CPU"
-        assert rank["model_class"] == "DistributedDataParallel" and not rank["fsdp_plugin"] and not rank["fsdp_units"]
+def test_fsdp_config_falls_back_to_ddp_on_cpu(tmp_path):
+    """`accelerate launch --config_file fsdp_cpu.yaml`: FSDP2 asked for, DDP set up, no error, no warning."""
+    script = tmp_path / "probe.py"
+    script.write_text(ACCELERATE_PROBE)
+
+    accelerate_launch_fsdp(script, str(tmp_path), cwd=ROOT)
+
+    for rank in ranks(tmp_path, "probe"):
+        assert rank["requested"] == "true" and rank["fsdp_version"] == "2"  # the launcher passed the FSDP2 config on
+        set_up = (rank["distributed_type"], rank["model_class"], rank["fsdp_plugin"])
+        assert set_up == ("DistributedType.MULTI_CPU", "DistributedDataParallel", False), (
+            f"Accelerate now sets FSDP up on CPU ({set_up}): update docs/distributed.md and drop the switch here"
+        )
 
 
 def test_no_trainer_fsdp2_trains_like_ddp(no_trainer_fsdp, no_trainer_ddp):
@@ -278,10 +323,11 @@ def test_no_trainer_fsdp2_resumes_to_the_uninterrupted_weights(no_trainer_fsdp, 
 # ----------------------------------------------------------------------------------------------- Trainer script
 
 
-def trainer_argv(digits, tiny_checkpoint, output_dir, fsdp_config: Path, **options) -> list[str]:
+def trainer_argv(digits, tiny_checkpoint, output_dir, fsdp_config: Path | None, **options) -> list[str]:
+    """The Trainer example's arguments; with `--fsdp --fsdp_config FILE` when `fsdp_config` is given."""
     values = {"--max_steps": str(STEPS), "--report_to": "none", "--dataloader_num_workers": "0", **options}
-    argv = run_arguments(digits, tiny_checkpoint, output_dir, values)
-    return argv + ["--do_train", "--do_eval", "--use_cpu", "--fsdp", "--fsdp_config", str(fsdp_config)]
+    argv = run_arguments(digits, tiny_checkpoint, output_dir, values) + ["--do_train", "--do_eval", "--use_cpu"]
+    return argv + (["--fsdp", "--fsdp_config", str(fsdp_config)] if fsdp_config else [])
 
 
 def trainer_fsdp_config(folder: Path) -> Path:
@@ -292,10 +338,12 @@ def trainer_fsdp_config(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trainer_ddp(digits, tiny_checkpoint, tmp_path_factory) -> Path:
-    """`torchrun ... --fsdp --fsdp_config` as it is: the Trainer runs DDP on the CPU."""
+    """The same command without FSDP: DDP (`torchrun`, --use_cpu)."""
     folder = tmp_path_factory.mktemp("trainer_ddp")
-    argv = trainer_argv(digits, tiny_checkpoint, folder / "out", trainer_fsdp_config(folder), **{"--save_strategy": "no"})
+    argv = trainer_argv(digits, tiny_checkpoint, folder / "out", None, **{"--save_strategy": "no"})
     torchrun(write_runner(folder, TRAINER_RUN), str(folder), "observe", *argv, cwd=ROOT)
+    for rank in ranks(folder):
+        assert rank["model_class"] == "DistributedDataParallel", rank
     return folder
 
 
@@ -309,10 +357,18 @@ def trainer_fsdp(digits, tiny_checkpoint, tmp_path_factory) -> Path:
     return folder
 
 
-def test_trainer_fsdp_flags_fall_back_to_ddp_on_cpu(trainer_ddp):
-    for rank in ranks(trainer_ddp):
-        assert rank["distributed_type"] == "DistributedType.MULTI_CPU" and not rank["is_fsdp_enabled"]
-        assert rank["model_class"] == "DistributedDataParallel" and not rank["fsdp_units"]
+def test_trainer_fsdp_arguments_fall_back_to_ddp_on_cpu(tmp_path):
+    """`--fsdp --fsdp_config` with --use_cpu under torchrun: FSDP2 asked for, not enabled, no error, no warning."""
+    script = tmp_path / "probe.py"
+    script.write_text(TRAINER_PROBE)
+
+    torchrun(script, str(tmp_path), json.dumps(TRAINER_FSDP_CONFIG), cwd=ROOT)
+
+    for rank in ranks(tmp_path, "probe"):
+        assert rank["requested"]["fsdp_version"] == 2 and rank["world_size"] == NUM_PROCESSES
+        assert rank["distributed_type"] == "DistributedType.MULTI_CPU" and not rank["is_fsdp_enabled"], (
+            "Accelerate now sets FSDP up on CPU: update docs/distributed.md and drop the switch here"
+        )
 
 
 def test_trainer_fsdp2_trains_like_ddp(trainer_fsdp, trainer_ddp):

@@ -191,7 +191,7 @@ def test_aligned_target_matches_full_label_vector_reference(variant, fused, path
 def test_dynamic_image_size_takes_the_token_grid_of_the_image():
     vanilla = tiny_timm_model("vit", dynamic_img_size=True)
     aligned = aligned_timm_copy(vanilla)
-    assert aligned.config.image_size is None  # any size: the collator accepts it
+    assert aligned.tl_align_image_size is None  # any size: the collator accepts it
     batch = mixed_batch("binary", num_patches=(24 // PATCH_SIZE) * (32 // PATCH_SIZE), image_hw=(24, 32))
     difference, moved = max_reference_difference(aligned, vanilla, batch)
     assert difference < 1e-5 and moved > 1e-2
@@ -266,13 +266,13 @@ def test_aligned_class_adds_no_weights_and_is_exported():
     aligned_class = ALIGNED_CLASSES[TimmWrapperForImageClassification]
     assert tl_align_hf.TLAlignTimmWrapperForImageClassification is aligned_class
     assert list(aligned_class(copy.deepcopy(vanilla.config)).state_dict()) == list(vanilla.state_dict())
-    parameters = inspect.signature(aligned_class.forward).parameters
-    assert [name for name in parameters if name not in inspect.signature(vanilla.forward).parameters] == [
-        "self", "mix_index", "token_weights", "mix_lam", "target_smoothing"
-    ]
+    parent_parameters = inspect.signature(TimmWrapperForImageClassification.forward).parameters
+    added = [name for name in inspect.signature(aligned_class.forward).parameters if name not in parent_parameters]
+    assert added == ["mix_index", "token_weights", "mix_lam", "target_smoothing"]
     assert find_labels(aligned_class) == find_labels(TimmWrapperForImageClassification) == ["labels"]
     aligned = aligned_timm_copy(vanilla)
-    assert aligned.config.patch_size == (PATCH_SIZE, PATCH_SIZE) and aligned.config.image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert aligned.tl_align_patch_size == (PATCH_SIZE, PATCH_SIZE) and aligned.tl_align_image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert aligned.config.to_dict() == vanilla.config.to_dict()  # the config is left alone
 
 
 @pytest.mark.parametrize("variant", ["vit", "deit_distilled", "map"])

@@ -146,7 +146,7 @@ def choose_path(requested: str, base_implementation: str, device: torch.device, 
     return "value_channel"
 
 
-def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Boolean keep-masks (SDPA style) become additive float masks (eager style)."""
     if attention_mask is None or attention_mask.dtype != torch.bool:
         return attention_mask
@@ -154,37 +154,106 @@ def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
     return torch.where(attention_mask, zero, torch.finfo(dtype).min)
 
 
-def _mean_attended_shares(probabilities: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+def mean_attended_shares(probabilities: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
     """``mean_h(P_h) @ s`` in float32: `(B, H, N, N)` probabilities, `(B, N)` shares -> `(B, N)`."""
     mean_probabilities = probabilities.mean(dim=1, dtype=torch.float32)
     return torch.bmm(mean_probabilities, shares.unsqueeze(-1)).squeeze(-1)
 
 
-def _dropout_free_probabilities(
+def dropout_free_probabilities(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """Softmax of scaled ``QK^T`` (plus mask) in float32, `(B, H, N, N)`, without gradient."""
     with torch.no_grad():
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-        mask = _additive_mask(attention_mask, torch.float32)
+        mask = additive_mask(attention_mask, torch.float32)
         if mask is not None:
             scores = scores + mask.float()
         return scores.softmax(dim=-1)
 
 
-def _value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, dropout, scaling, shares, **kwargs):
-    """Run the backend once on values widened by a share channel; return output, weights and `(B, N)` attended shares."""
+def _share_channels(shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(B, N)` float32 shares as the value channels that carry them through a kernel of `dtype`: `(B, N, K)`.
+
+    In float32, one channel (the shares). In bf16 / fp16, two: ``hi = shares`` rounded to `dtype` and the rest
+    ``lo = shares - hi``, also in `dtype`, so that the kernel sees the shares to about twice `dtype`'s precision
+    (bf16 alone keeps 8 bits: a share of 0.3 would become 0.30078); their outputs are summed in float32.
+    """
+    shares = shares.detach().float()
+    if dtype == torch.float32 or dtype == torch.float64:
+        return shares.to(dtype)[..., None]
+    high = shares.to(dtype)
+    return torch.stack([high, (shares - high.float()).to(dtype)], dim=-1)
+
+
+def value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, shares, *, dropout, scaling, **kwargs):
+    """Run the backend once on values widened by share channels; return output, weights and `(B, N)` attended shares."""
     batch_size, num_heads, num_tokens, head_dim = value.shape
-    padded_dim = -(-(head_dim + 1) // _CHANNEL_MULTIPLE) * _CHANNEL_MULTIPLE
-    share_channel = shares.detach().to(value.dtype)[:, None, :, None].expand(batch_size, num_heads, num_tokens, 1)
-    zeros = value.new_zeros(batch_size, num_heads, num_tokens, padded_dim - head_dim - 1)
-    value = torch.cat([value, share_channel, zeros], dim=-1)
+    channels = _share_channels(shares, value.dtype)  # (B, N, K)
+    num_channels = channels.shape[-1]
+    padded_dim = -(-(head_dim + num_channels) // _CHANNEL_MULTIPLE) * _CHANNEL_MULTIPLE
+    share_values = channels[:, None].expand(batch_size, num_heads, num_tokens, num_channels)
+    zeros = value.new_zeros(batch_size, num_heads, num_tokens, padded_dim - head_dim - num_channels)
+    value = torch.cat([value, share_values, zeros], dim=-1)
     # Zero channels on query and key leave QK^T unchanged and keep all three head dims equal (flash kernels need it).
     padding = (0, padded_dim - head_dim)
     query, key = torch.nn.functional.pad(query, padding), torch.nn.functional.pad(key, padding)
     output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    attended = output[..., head_dim].float().mean(dim=-1)  # output is (B, N, H, padded_dim)
+    # output is (B, N, H, padded_dim): sum the share channels in float32, then average over heads
+    attended = output[..., head_dim : head_dim + num_channels].float().sum(dim=-1).mean(dim=-1)
     return output[..., :head_dim], weights, attended
+
+
+def attention_with_shares(
+    aligner: TokenLabelAligner,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float,
+    *,
+    base_function: Callable,
+    eager_function: Callable,
+    base_is_eager: bool,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One block's attention on the aligner's path, applying the block's share update ``mean_h(P_h) @ s``.
+
+    ``base_function`` and ``eager_function`` follow transformers' attention-function convention
+    ``(module, query, key, value, mask, dropout=, scaling=, **kwargs) -> (output (B, N, H, D), weights)``; the eager
+    one returns the `(B, H, N, N)` probabilities (before dropout when ``dropout`` is 0). The timm family calls this
+    with its own functions.
+
+    Returns:
+        The attention output and the weights the base backend returns (``None`` for fused backends).
+    """
+    path = choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", query.device, dropout)
+    if aligner.closed:
+        # Recomputed for gradient checkpointing: same path, so the same output, but the shares are final already
+        # (and, in models that merge tokens, no longer of this block's size); the share channel is ignored.
+        shares = query.new_zeros(query.shape[0], query.shape[2], dtype=torch.float32)
+    else:
+        shares = aligner.attention_shares()
+    call = dict(dropout=dropout, scaling=scaling, **kwargs)
+    if path == "value_channel":
+        output, weights, attended = value_channel_attention(
+            base_function, module, query, key, value, attention_mask, shares, **call
+        )
+    elif path == "eager":
+        output, weights = eager_function(module, query, key, value, additive_mask(attention_mask, query.dtype), **call)
+        attended = mean_attended_shares(weights.detach(), shares)
+        if not base_is_eager:
+            weights = None  # what the backend returns: no attention maps unless the user chose eager
+    else:
+        output, weights = base_function(module, query, key, value, attention_mask, **call)
+        attended = None
+        if not aligner.closed:  # the dropout-free probabilities are only worth computing when used
+            attended = mean_attended_shares(dropout_free_probabilities(query, key, attention_mask, scaling), shares)
+    if attended is not None:
+        aligner.update(attended)  # ignored when closed
+    return output, weights
 
 
 def aligned_attention_forward(
@@ -214,33 +283,14 @@ def aligned_attention_forward(
         token_label_aligner = getattr(module, ALIGNER_ATTRIBUTE, None)
     if token_label_aligner is None:
         return base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    path = choose_path(token_label_aligner.attention_path, base_implementation, query.device, dropout)
-    if token_label_aligner.closed:
-        # Recomputed for gradient checkpointing: same path, so the same output, but the shares are final already
-        # (and, in models that merge tokens, no longer of this block's size); the share channel is ignored.
-        shares = query.new_zeros(query.shape[0], query.shape[2], dtype=torch.float32)
-    else:
-        shares = token_label_aligner.attention_shares()
-    if path == "value_channel":
-        output, weights, attended = _value_channel_attention(
-            base_function, module, query, key, value, attention_mask, dropout, scaling, shares, **kwargs
-        )
-    elif path == "eager":
-        eager_mask = _additive_mask(attention_mask, query.dtype)
-        eager = module.config.tl_align_eager_attention
-        output, weights = eager(module, query, key, value, eager_mask, dropout=dropout, scaling=scaling, **kwargs)
-        attended = _mean_attended_shares(weights.detach(), shares)
-        if base_implementation != "eager":
-            weights = None  # what the backend returns: no attention maps unless the user chose eager
-    else:
-        output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        attended = None
-        if not token_label_aligner.closed:  # the dropout-free probabilities are only worth computing when used
-            attended = _mean_attended_shares(_dropout_free_probabilities(query, key, attention_mask, scaling), shares)
-    if attended is not None:
-        token_label_aligner.update(attended)  # ignored when closed
-    return output, weights
+    return attention_with_shares(
+        token_label_aligner, module, query, key, value, attention_mask, dropout,
+        query.shape[-1] ** -0.5 if scaling is None else scaling,
+        base_function=base_function,
+        eager_function=module.config.tl_align_eager_attention,
+        base_is_eager=base_implementation == "eager",
+        **kwargs,
+    )  # fmt: skip
 
 
 # The wrappers of the backends transformers knows now; others (kernels from the Hub) are registered on first use.

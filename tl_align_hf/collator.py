@@ -166,7 +166,7 @@ class TLAlignCollator:
         num_labels = kwargs.pop("num_labels", getattr(config, "num_labels", None))
         vision_config = getattr(config, "vision_config", None) or config
         num_channels = kwargs.pop("num_channels", getattr(vision_config, "num_channels", None))
-        mixer = TLAlignMixer.from_model(config, settings, **kwargs)
+        mixer = TLAlignMixer.from_model(model_or_config, settings, **kwargs)
         return cls(mixer, num_labels, num_channels, seed=seed, rank=rank, label_column_name=label_column_name)
 
     def set_epoch(self, epoch: int) -> None:

@@ -94,6 +94,8 @@ def _head_logits(outputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     cls_logits, distillation_logits = outputs.get("cls_logits"), outputs.get("distillation_logits")
     if cls_logits is not None and distillation_logits is not None:
         return [cls_logits, distillation_logits]
+    if isinstance(outputs["logits"], tuple | list):  # timm's distilled ViTs in distilled training: (cls, distillation)
+        return list(outputs["logits"])
     return [outputs["logits"]]
 
 

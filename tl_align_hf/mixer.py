@@ -277,15 +277,18 @@ class TLAlignMixer:
         config = getattr(model_or_config, "config", model_or_config)
         if getattr(config, "patch_size", None) is None and getattr(config, "vision_config", None) is not None:
             config = config.vision_config  # composite models (e.g. CLIP) keep the patch settings there
+        # An aligned model says its token grid (timm models keep it in the timm model, not the config).
+        patch_size = getattr(model_or_config, "tl_align_patch_size", getattr(config, "patch_size", None))
+        image_size = getattr(model_or_config, "tl_align_image_size", getattr(config, "image_size", None))
         own = {name: kwargs.pop(name) for name in ("patch_size", "image_size", "pairing") if name in kwargs}
-        patch_size = own.pop("patch_size", getattr(config, "patch_size", None))
+        patch_size = own.pop("patch_size", patch_size)
         if patch_size is None:
             raise ValueError(f"{type(config).__name__} has no patch_size; pass patch_size=... as well.")
         if settings is None:
             settings = MixingSettings(**kwargs)
         elif kwargs:
             raise TypeError(f"Pass mixing settings either as `settings` or as keywords, not both (got {sorted(kwargs)}).")
-        return cls(settings, patch_size, own.pop("image_size", getattr(config, "image_size", None)), **own)
+        return cls(settings, patch_size, own.pop("image_size", image_size), **own)
 
     def check_image_size(self, image_size: Sequence[int], name: str = "image_size") -> None:
         """Raise a ValueError unless `(height, width)` is a whole number of patches (and the expected size)."""

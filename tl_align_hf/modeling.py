@@ -59,8 +59,7 @@ def _vision_config(config):
     return getattr(config, "vision_config", None) or config
 
 
-def _patch_grid_size(config, pixel_values: torch.Tensor) -> int:
-    patch_size = _vision_config(config).patch_size
+def _patch_grid_size(patch_size, pixel_values: torch.Tensor) -> int:
     patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     return (pixel_values.shape[-2] // patch_h) * (pixel_values.shape[-1] // patch_w)
 
@@ -145,10 +144,25 @@ class TLAlignMixin:
         self.tl_align_route_attention()
         self.tl_align_install_hooks()
 
+    @classmethod
+    def tl_align_check_supported(cls, model: PreTrainedModel) -> None:
+        """Raise a ValueError before `to_tl_align` changes anything if ``model`` cannot be aligned (nothing to check
+        for most families: their class says it all)."""
+
     @property
     def tl_align_num_blocks(self) -> int:
         """Attention blocks in one forward pass: one share update each."""
         return _vision_config(self.config).num_hidden_layers
+
+    @property
+    def tl_align_patch_size(self) -> int | tuple[int, int]:
+        """The patch size of the token grid `token_weights` cover (what `TLAlignMixer.from_model` reads)."""
+        return _vision_config(self.config).patch_size
+
+    @property
+    def tl_align_image_size(self) -> int | tuple[int, int] | None:
+        """The image size the model is built for (`None`: any size that is a whole number of patches)."""
+        return getattr(_vision_config(self.config), "image_size", None)
 
     def tl_align_install_hooks(self) -> None:
         """Register the module hooks a family needs: none, unless its attention modules drop the kwargs."""
@@ -202,7 +216,7 @@ class TLAlignMixin:
             )
         if self.tl_align_pooling not in READOUTS:
             raise ValueError(f"`tl_align_pooling` must be one of {READOUTS}, got {self.tl_align_pooling!r}.")
-        num_patches = _patch_grid_size(self.config, pixel_values)
+        num_patches = _patch_grid_size(self.tl_align_patch_size, pixel_values)
         validate_mixing_inputs(mix_index, token_weights, mix_lam, pixel_values.shape[0], num_patches)
         return TokenLabelAligner(token_weights, mix_lam, self.tl_align_num_prefix_tokens, self.tl_align_attention_path)
 
@@ -484,6 +498,7 @@ def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
             "hybrid models and the families implemented otherwise (Swinv2, Hiera, PVT, MobileViT, ...) are not "
             "supported."
         )
+    aligned_class.tl_align_check_supported(model)
     model.__class__ = aligned_class
     model.tl_align_route_attention()
     model.tl_align_install_hooks()

@@ -38,11 +38,10 @@ from transformers import TimmWrapperForImageClassification
 
 from .attention import (
     ALIGNER_ATTRIBUTE,
-    _additive_mask,
-    _dropout_free_probabilities,
-    _mean_attended_shares,
-    _value_channel_attention,
-    choose_path,
+    additive_mask,
+    attention_with_shares,
+    dropout_free_probabilities,
+    mean_attended_shares,
 )
 from .modeling import TLAlignMixin, _aligned_output_class
 
@@ -65,7 +64,7 @@ def _self_attention_mask(attn_mask: torch.Tensor | None, is_causal: bool, query:
 
 def _timm_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, fused, is_causal=False):
     """Attention as ``timm.layers.Attention.forward`` computes it, in the calling convention of transformers'
-    attention functions (so that :func:`~tl_align_hf.attention._value_channel_attention` can widen its values).
+    attention functions (so that :func:`~tl_align_hf.attention.attention_with_shares` can run it on every path).
 
     Args:
         query, key, value: `(B, H, N, D)`, after timm's q/k norm.
@@ -83,30 +82,20 @@ def _timm_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         )
         return output.transpose(1, 2), None
     scores = (query * (module.scale if scaling is None else scaling)) @ key.transpose(-2, -1)
-    bias = _additive_mask(_self_attention_mask(attention_mask, is_causal, query), scores.dtype)
+    bias = additive_mask(_self_attention_mask(attention_mask, is_causal, query), scores.dtype)
     probabilities = (scores if bias is None else scores + bias).softmax(dim=-1)
     return (module.attn_drop(probabilities) @ value).transpose(1, 2), probabilities
 
 
 def _attention_with_shares(module, query, key, value, attn_mask, is_causal, aligner) -> torch.Tensor:
     """The `(B, N, H, D)` attention output on the aligner's path, after applying this block's share update."""
-    dropout = module.attn_drop.p if module.training else 0.0
-    path = choose_path(aligner.attention_path, "sdpa" if module.fused_attn else "eager", query.device, dropout)
-    shares = aligner.attention_shares()
-    if path == "eager":  # timm's explicit softmax, whose probabilities are reused
-        output, probabilities = _timm_attention(module, query, key, value, attn_mask, fused=False, is_causal=is_causal)
-        aligner.update(_mean_attended_shares(probabilities.detach(), shares))
-        return output
     mask = _self_attention_mask(attn_mask, is_causal, query)
-    attention = functools.partial(_timm_attention, fused=module.fused_attn)
-    if path == "value_channel":
-        output, _, attended = _value_channel_attention(
-            attention, module, query, key, value, mask, dropout, module.scale, shares
-        )
-    else:  # explicit: timm's attention unchanged, the dropout-free probabilities beside it
-        output, _ = attention(module, query, key, value, attn_mask, dropout, is_causal=is_causal)
-        attended = _mean_attended_shares(_dropout_free_probabilities(query, key, mask, module.scale), shares)
-    aligner.update(attended)
+    output, _ = attention_with_shares(
+        aligner, module, query, key, value, mask, module.attn_drop.p if module.training else 0.0, module.scale,
+        base_function=functools.partial(_timm_attention, fused=module.fused_attn),
+        eager_function=functools.partial(_timm_attention, fused=False),
+        base_is_eager=not module.fused_attn,
+    )  # fmt: skip
     return output
 
 
@@ -146,7 +135,7 @@ def _latent_pool_probabilities(attn_pool: AttentionPoolLatent, tokens: torch.Ten
         query = query.reshape(batch_size, attn_pool.latent_len, *heads).transpose(1, 2)
         key = attn_pool.kv(tokens).reshape(batch_size, num_tokens, 2, *heads)[:, :, 0].transpose(1, 2)
         query, key = attn_pool.q_norm(query), attn_pool.k_norm(key)
-        return _dropout_free_probabilities(query, key, None, attn_pool.scale)
+        return dropout_free_probabilities(query, key, None, attn_pool.scale)
 
 
 def _latent_shares(attn_pool: AttentionPoolLatent, tokens: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
@@ -155,7 +144,7 @@ def _latent_shares(attn_pool: AttentionPoolLatent, tokens: torch.Tensor, shares:
     The pooled tokens are the last ``tokens.shape[1]`` ones: the patch tokens, or all with ``pool_include_prefix``.
     """
     pooled_shares = shares[:, shares.shape[1] - tokens.shape[1] :]
-    return _mean_attended_shares(_latent_pool_probabilities(attn_pool, tokens), pooled_shares)
+    return mean_attended_shares(_latent_pool_probabilities(attn_pool, tokens), pooled_shares)
 
 
 def _attention_pool_pre_hook(attn_pool: AttentionPoolLatent, args: tuple) -> None:
@@ -252,8 +241,8 @@ class TLAlignTimmWrapperForImageClassification(TLAlignMixin, TimmWrapperForImage
     share mirrors timm's ``global_pool`` (module docstring). The shares are computed by timm's own attention modules
     on the path ``tl_align_attention_path`` picks, for SDPA (``fused_attn=True``) and explicit attention alike.
 
-    The config gets ``patch_size`` and ``image_size`` (read from the timm model's patch embedding), which
-    :class:`~tl_align_hf.TLAlignCollator` reads; timm ignores them when the checkpoint is loaded.
+    The patch grid (``tl_align_patch_size``, ``tl_align_image_size``, which :class:`~tl_align_hf.TLAlignCollator`
+    reads) comes from the timm model's patch embedding; the config is left alone.
     """
 
     tl_align_parent = TimmWrapperForImageClassification
@@ -271,18 +260,24 @@ class TLAlignTimmWrapperForImageClassification(TLAlignMixin, TimmWrapperForImage
         """``"cls"`` when the head reads one token's share (``'token'``), ``"patch_mean"`` when it averages."""
         return "cls" if _pool_type(self.timm_model) == "token" else "patch_mean"
 
-    def tl_align_route_attention(self) -> None:
-        """Check the timm model (restoring the parent class on failure), describe its patch grid in the config and
-        give its attention modules the aligned subclass."""
-        try:
-            _check_supported(self)
-        except ValueError:
-            self.__class__ = self.tl_align_parent  # to_tl_align has just set the class: leave the model unchanged
-            raise
+    @classmethod
+    def tl_align_check_supported(cls, model: TimmWrapperForImageClassification) -> None:
+        _check_supported(model)
+
+    @property
+    def tl_align_patch_size(self) -> tuple[int, int]:
+        return tuple(self.timm_model.patch_embed.patch_size)
+
+    @property
+    def tl_align_image_size(self) -> tuple[int, int] | None:
+        """The image size the patch embedding insists on, `None` when it takes any size (dynamic sizes)."""
         patch_embed = self.timm_model.patch_embed
-        self.config.patch_size = tuple(patch_embed.patch_size)
         fixed_size = patch_embed.img_size is not None and patch_embed.strict_img_size and not patch_embed.dynamic_img_pad
-        self.config.image_size = tuple(patch_embed.img_size) if fixed_size else None
+        return tuple(patch_embed.img_size) if fixed_size else None
+
+    def tl_align_route_attention(self) -> None:
+        """Check the timm model and give its attention modules the aligned subclass."""
+        _check_supported(self)
         for block in self.timm_model.blocks:
             block.attn.__class__ = _TLAlignTimmAttention
 
