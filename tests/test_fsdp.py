@@ -162,10 +162,11 @@ ACCELERATE_PROBE = textwrap.dedent(
     import json, os, sys
     import torch
     from accelerate import Accelerator
-    from tests.test_distributed import tiny_aligned_model
+    from transformers import ViTForImageClassification
+    from tests.tiny_models import tiny_model
 
     accelerator = Accelerator(cpu=True)  # as the no-Trainer script with --cpu
-    model = tiny_aligned_model()
+    model = tiny_model(ViTForImageClassification).train()
     model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     with open(os.path.join(sys.argv[1], f"probe_{accelerator.process_index}.json"), "w") as file:
         json.dump({"requested": os.environ.get("ACCELERATE_USE_FSDP"), "fsdp_version": os.environ.get("FSDP_VERSION"),
@@ -176,12 +177,13 @@ ACCELERATE_PROBE = textwrap.dedent(
 TRAINER_PROBE = textwrap.dedent(
     """
     import json, os, sys
-    from tests.test_distributed import tiny_aligned_model
-    from tl_align_hf import TLAlignConfig, TLAlignTrainer
+    from transformers import ViTForImageClassification
+    from tests.tiny_models import tiny_model
+    from tl_align_hf import TLAlignConfig, TLAlignTrainer, to_tl_align
 
     args = TLAlignConfig(output_dir=os.path.join(sys.argv[1], "out"), use_cpu=True, report_to="none",
                          fsdp=True, fsdp_config=json.loads(sys.argv[2]))
-    trainer = TLAlignTrainer(model=tiny_aligned_model(), args=args)
+    trainer = TLAlignTrainer(model=to_tl_align(tiny_model(ViTForImageClassification)), args=args)
     with open(os.path.join(sys.argv[1], f"probe_{args.process_index}.json"), "w") as file:
         json.dump({"requested": args.fsdp_plugin_args, "distributed_type": str(trainer.accelerator.distributed_type),
                    "is_fsdp_enabled": trainer.is_fsdp_enabled, "world_size": args.world_size}, file)

@@ -189,7 +189,9 @@ def _share_channels(shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, shares, *, dropout, scaling, **kwargs):
     """Run the backend once on values widened by share channels; return output, weights and `(B, N)` attended shares."""
     batch_size, num_heads, num_tokens, head_dim = value.shape
-    channels = _share_channels(shares, value.dtype)  # (B, N, K)
+    # Centred at 1/2: attention rows sum to 1, so P @ (s - 1/2) + 1/2 = P @ s, and values within [-1/2, 1/2] halve
+    # the rounding of the kernel's (bf16 / fp16) output channel.
+    channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K)
     num_channels = channels.shape[-1]
     padded_dim = -(-(head_dim + num_channels) // _CHANNEL_MULTIPLE) * _CHANNEL_MULTIPLE
     share_values = channels[:, None].expand(batch_size, num_heads, num_tokens, num_channels)
@@ -200,7 +202,7 @@ def value_channel_attention(base_function: Callable, module, query, key, value, 
     query, key = torch.nn.functional.pad(query, padding), torch.nn.functional.pad(key, padding)
     output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # output is (B, N, H, padded_dim): sum the share channels in float32, then average over heads
-    attended = output[..., head_dim : head_dim + num_channels].float().sum(dim=-1).mean(dim=-1)
+    attended = output[..., head_dim : head_dim + num_channels].float().sum(dim=-1).mean(dim=-1) + 0.5
     return output[..., :head_dim], weights, attended
 
 
