@@ -463,8 +463,12 @@ def main(argv=None):
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
         unwrapped_model = accelerator.unwrap_model(model)
+        state_dict = accelerator.get_state_dict(model)  # every process: gathers FSDP shards / ZeRO-3 partitions
         unwrapped_model.save_pretrained(
-            args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+            args.output_dir,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=state_dict,
         )
         if accelerator.is_main_process:
             image_processor.save_pretrained(args.output_dir)

@@ -8,14 +8,19 @@ timed steps after warm-up.
     python scripts/bench_overhead.py --configs tiny --steps 10 --json docs/bench_overhead_cpu.json
     python scripts/bench_overhead.py --configs swin_tiny   # Swin-T (SwinConfig defaults: patch 4, window 7)
 
-Variants:
-    1 plain-sdpa        plain mixing (area target), SDPA attention
-    2 plain-eager       plain mixing, eager attention
-    3 tl-align-sdpa     TL-Align, SDPA chosen ("auto" path: eager probabilities on CPU, value channel on GPU)
-    4 tl-align-eager    TL-Align, eager attention (probabilities reused)
-    5 official          eager attention, (B, N, C) label vectors propagated through every block, C = 1000
-                        (DeiT only: the official code has no Swin path)
-    extra: tl-align-value-channel (fused value-channel path forced, to show why CPU does not use it)
+Variants (`--variants`; the first is the baseline of the ratios):
+    plain-sdpa              plain mixing (area target), SDPA attention, the parent model's forward
+    plain-eager             plain mixing, eager attention
+    tl-align-sdpa           TL-Align with SDPA selected, the path `auto` picks on this device
+    tl-align-sdpa-eager     TL-Align with SDPA selected, forced "eager" path (the model's eager attention, whose
+                            probabilities are reused; `auto` on the CPU before issue 17)
+    tl-align-sdpa-explicit  TL-Align with SDPA selected, forced "explicit" path (SDPA for the output, the
+                            probabilities recomputed beside it without gradient)
+    tl-align-value-channel  TL-Align with SDPA selected, forced "value_channel" path (shares as extra value channels)
+    tl-align-eager          TL-Align, eager attention
+    official                eager attention, (B, N, C) label vectors propagated through every block, C = 1000
+                            (DeiT only: the official code has no Swin path)
+    --compile adds "+compile" twins of plain-sdpa and tl-align-sdpa (torch.compile of the model, inductor).
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ import time
 import torch
 from transformers import DeiTConfig, SwinConfig
 
-from tl_align_hf import TLAlignDeiTForImageClassification, TLAlignSwinForImageClassification, mixing_loss
+from tl_align_hf import (
+    TLAlignDeiTForImageClassification,
+    TLAlignSwinForImageClassification,
+    mixed_batch_loss,
+    mixing_loss,
+)
 
 # name: (title, aligned class, config class, config values); image_size and num_labels are added
 CONFIGS = {
@@ -80,23 +90,38 @@ def official_cls_labels(attentions, batch: dict, num_prefix_tokens: int = 2) -> 
     return token_labels[:, 0]
 
 
-def step(model, optimizer, batch: dict, variant: str, autocast) -> None:
-    """One forward + backward + optimizer step of `variant`."""
-    backend = "eager" if variant in ("plain-eager", "tl-align-eager", "official") else "sdpa"
+# variant -> (attention backend, TL-Align path or None for a plain / official step)
+VARIANTS = {
+    "plain-sdpa": ("sdpa", None),
+    "plain-eager": ("eager", None),
+    "tl-align-sdpa": ("sdpa", "auto"),
+    "tl-align-sdpa-eager": ("sdpa", "eager"),
+    "tl-align-sdpa-explicit": ("sdpa", "explicit"),
+    "tl-align-value-channel": ("sdpa", "value_channel"),
+    "tl-align-eager": ("eager", "auto"),
+    "official": ("eager", None),
+}
+
+
+def step(models: dict, optimizer, batch: dict, variant: str, autocast) -> None:
+    """One forward + backward + optimizer step of `variant` (`models[variant]`: the model, compiled or not)."""
+    model = models[variant]
+    backend, path = VARIANTS[variant.removesuffix("+compile")]
     if model.config._attn_implementation != backend:
         model.set_attn_implementation(backend)
-    model.tl_align_attention_path = "value_channel" if variant == "tl-align-value-channel" else "auto"
     mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}
     with autocast():
-        if variant.startswith("tl-align"):
-            loss = model(batch["pixel_values"], labels=batch["labels"], target_smoothing=0.1, **mixing).loss
+        if path is not None:
+            getattr(model, "_orig_mod", model).tl_align_attention_path = path
+            outputs = model(pixel_values=batch["pixel_values"], **mixing)
+            loss = mixed_batch_loss(outputs, batch, label_smoothing=0.1)[0]
         elif variant == "official":
             outputs = model(batch["pixel_values"], output_attentions=True)
             targets = official_cls_labels(outputs.attentions, batch)
             log_probs = torch.log_softmax(outputs.logits.float(), dim=-1)
             loss = -(targets * log_probs).sum(-1).mean()
         else:
-            logits = model(batch["pixel_values"]).logits
+            logits = model(pixel_values=batch["pixel_values"]).logits
             loss = mixing_loss(logits, batch["labels"], batch["mix_index"], batch["mix_lam"], 0.1)
     loss.backward()
     optimizer.step()
@@ -114,19 +139,21 @@ def measure(name: str, variants: list[str], args, device: torch.device) -> dict:
         variants = [variant for variant in variants if variant != "official"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     batch = make_batch(args.batch_size, args.image_size, model.config.patch_size, device)
+    # Compiled twins share the weights; each backend gets its own compiled graph (set_attn_implementation recompiles).
+    models = {variant: torch.compile(model) if variant.endswith("+compile") else model for variant in variants}
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     times = {variant: [] for variant in variants}
     peak_memory = {}
     for _ in range(args.warmup):
         for variant in variants:
-            step(model, optimizer, batch, variant, autocast)
+            step(models, optimizer, batch, variant, autocast)
     for _ in range(args.steps):
         for variant in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             synchronize(device)
             start = time.perf_counter()
-            step(model, optimizer, batch, variant, autocast)
+            step(models, optimizer, batch, variant, autocast)
             synchronize(device)
             times[variant].append(time.perf_counter() - start)
             if device.type == "cuda":
@@ -163,7 +190,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd plain-sdpa and tl-align-sdpa")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the numbers to this file")
     args = parser.parse_args(argv)
@@ -172,9 +200,9 @@ def main(argv=None) -> dict:
         args.batch_size = 128 if device.type == "cuda" else 32
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = args.variants or [
-        "plain-sdpa", "plain-eager", "tl-align-sdpa", "tl-align-eager", "official", "tl-align-value-channel",
-    ]
+    variants = args.variants or list(VARIANTS)
+    if args.compile:
+        variants = variants + ["plain-sdpa+compile", "tl-align-sdpa+compile"]
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     results = {"device": device.type, "machine": machine, "torch": torch.__version__, "batch_size": args.batch_size,
                "image_size": args.image_size, "steps": args.steps, "configs": {}}

@@ -1,21 +1,13 @@
 """The smallest local Hugging Face Hub that the real `huggingface_hub` client can push to and load from.
 
-It serves, on 127.0.0.1, what a regular upload of small files and `from_pretrained` need (read from the installed
-huggingface_hub: `hf_api.py`, `_commit_api.py`, `file_download.py`):
-
-- `GET /api/whoami-v2`, `POST /api/repos/create` (409 when it exists), `POST /api/validate-yaml` (accepts any);
-- `GET /api/models/{repo_id}[/revision/{rev}]` (`model_info`: sha, siblings), `.../tree/{rev}` (every file);
-- `POST /api/models/{repo_id}/branch/{branch}`, `.../preupload/{rev}` (every file "regular", with the oid of the
-  file already there: unchanged files are not sent again), `.../commit/{rev}` (NDJSON with base64 `file` lines);
-- `HEAD|GET /{repo_id}/resolve/{rev}/{path}` (`hf_hub_download`: X-Repo-Commit, ETag, Content-Length).
-
-Errors carry the `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) and `X-Error-Message` that
-the client turns into exceptions; 401 for an unknown token, and to write without a token; 403 to write to another
-namespace. Not served (404, recorded in `LocalHub.unhandled`): LFS, Xet, deletions, pull requests, datasets, spaces.
-
-Pointing a client at it, as huggingface_hub documents: a new process reads `HF_ENDPOINT` (and the cache and token
-paths) at import: start it with `client_environment(...)`. In this process: `HfApi(endpoint=server.url)`, or
-`patch_client_in_process` for code that makes its own `HfApi()`.
+Served on 127.0.0.1, as the installed huggingface_hub calls it (`hf_api.py`, `_commit_api.py`, `file_download.py`):
+whoami, repo creation (409 when it exists), YAML validation, model info and tree, branches, preupload (every file
+"regular", with the oid of the file already there, so unchanged files are not sent again), commits (NDJSON, base64
+files) and `HEAD|GET /{repo_id}/resolve/{rev}/{path}` (X-Repo-Commit, ETag, Content-Length). Errors carry the
+`X-Error-Code` and `X-Error-Message` the client turns into exceptions: 401 for an unknown token or a write without
+one, 403 for a write to another namespace. Anything else (LFS, Xet, deletions, PRs) is a 404 recorded in
+`LocalHub.unhandled`. A new process points at it with `client_environment(...)` (`HF_ENDPOINT` and the cache and
+token paths); this process with `HfApi(endpoint=server.url)` or `patch_client_in_process`.
 """
 
 from __future__ import annotations

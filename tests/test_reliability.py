@@ -153,7 +153,7 @@ def test_a_rerun_of_a_finished_run_with_new_settings_warns_and_keeps_the_trained
     with caplog.at_level("WARNING"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     message = " ".join(record.message for record in caplog.records)
-    assert "nothing left to train" in message and "checkpoint-2" in message and "mixing_method='cutmix'" in message
+    assert "nothing left to train" in message and "step 2" in message and "mixing_method='cutmix'" in message
     assert "new --output_dir" in message
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()

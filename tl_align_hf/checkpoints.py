@@ -6,6 +6,7 @@
 - :class:`TrainingRecord`: the settings the weights are trained with (mixing, TL-Align, label smoothing, number of
   processes), saved in every checkpoint's `trainer_state.json`, so that a resume with other settings is refused before
   it trains, a resume with nothing left to do says so, and the model card describes what the weights were trained with.
+  It keeps no reference to the trainer, so transformers' `restore_callback_states_from_checkpoint` can rebuild it.
 """
 
 from __future__ import annotations
@@ -88,53 +89,56 @@ def atomic_checkpoint_save(trainer, run_dir: str):
     trainer.accelerator.wait_for_everyone()
 
 
+def training_settings(args) -> dict[str, Any]:
+    """What a model trained with `args` (a `TLAlignConfig`) is trained with: the mixing settings, TL-Align, smoothing."""
+    return {**args.mixing_settings_dict(), "tl_align": args.tl_align, "label_smoothing": args.label_smoothing}
+
+
 class TrainingRecord(TrainerCallback, ExportableState):
     """The settings the weights are trained with, kept in each checkpoint's `trainer_state.json`.
 
-    `settings` holds the mixing settings, `tl_align` and `label_smoothing`; `num_processes` the number of processes
-    (which changes the data each process sees and so the run). On a resume, :meth:`on_train_begin` compares them
-    with the checkpoint's: other settings on an unfinished run raise a ValueError before any step (one model would
-    mix two recipes); other settings on a finished run, or a finished run resumed at all, are logged at warning
-    level, and `trained_settings` stays the checkpoint's, which the model card describes.
+    `settings` holds the mixing settings, `tl_align` and `label_smoothing`, `num_processes` the number of processes
+    (which changes the data each process sees and so the run). When a run resumes from a checkpoint (training starts
+    at a step above 0), :meth:`on_train_begin` compares the current ones with the checkpoint's: other settings on an
+    unfinished run raise a ValueError before any step (one model would mix two recipes); a finished run says at
+    warning level that it has nothing left to train, and `settings` stays the checkpoint's, which the model card
+    describes; another number of processes warns that the run will not reproduce the uninterrupted one exactly.
     """
 
-    def __init__(self, settings: dict[str, Any] | None = None, num_processes: int = 1):
+    def __init__(self, settings: dict[str, Any] | None = None, num_processes: int | None = None):
         self.settings, self.num_processes = settings, num_processes
-        self.trained_settings = settings
-        self.resumed_from: str | None = None
 
     def state(self) -> dict:
-        return {"args": {"settings": self.trained_settings, "num_processes": self.num_processes}, "attributes": {}}
+        return {"args": {"settings": self.settings, "num_processes": self.num_processes}, "attributes": {}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__, {}).get("args", {})
-        if self.resumed_from is None or not saved:
+        current, saved = training_settings(args), (state.stateful_callbacks or {}).get(type(self).__name__, {})
+        saved_settings, saved_processes = saved.get("args", {}).get("settings"), saved.get("args", {}).get("num_processes")
+        self.settings, self.num_processes = current, args.world_size
+        if state.global_step == 0 or not saved_settings:  # a fresh run (or a checkpoint from before this record)
             return
-        finished = state.global_step >= state.max_steps
-        changed = {
-            key: (value, self.settings.get(key))
-            for key, value in (saved.get("settings") or {}).items()
-            if self.settings.get(key) != value
-        }
-        if finished:
+        checkpoint = f"the checkpoint of step {state.global_step}"
+        changed = {key: (value, current.get(key)) for key, value in saved_settings.items() if current.get(key) != value}
+        if state.global_step >= state.max_steps:
+            trained_with = ", ".join(f"{key}={old!r}" for key, (old, _) in changed.items())
             logger.warning(
-                f"Resumed from {self.resumed_from}, which had finished training (step {state.global_step} of "
+                f"Resumed from {checkpoint}, which had finished training (step {state.global_step} of "
                 f"{state.max_steps}): nothing left to train. The model saved now, and its card, are that run's"
-                + (f" (trained with {', '.join(f'{k}={v[0]!r}' for k, v in changed.items())}, not the settings given now)" if changed else "")
+                + (f" (trained with {trained_with}, not the settings given now)" if changed else "")
                 + ". To train again, use a new --output_dir (or remove its checkpoint-* folders)."
             )
-            self.trained_settings = saved.get("settings") or self.settings
+            self.settings = saved_settings  # what the weights were trained with: the card describes that
             return
         if changed:
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
             raise ValueError(
-                f"{self.resumed_from} was trained with other settings ({listed}). Resuming would train one model with "
-                "two recipes. Run with the checkpoint's settings to resume, or start fresh with a new --output_dir "
-                "(or start from its weights with --model_name_or_path pointing at the checkpoint)."
+                f"{checkpoint} was trained with other settings ({listed}). Resuming would train one model with two "
+                "recipes. Run with the checkpoint's settings to resume, or start fresh with a new --output_dir (or "
+                "start from its weights with --model_name_or_path pointing at the checkpoint)."
             )
-        if saved.get("num_processes", self.num_processes) != self.num_processes:
+        if saved_processes not in (None, args.world_size):
             logger.warning(
-                f"Resuming {self.resumed_from} with {self.num_processes} processes; it was trained with "
-                f"{saved['num_processes']}. Each process now sees other batches (and mixes them with its own draws), "
-                "so the run continues correctly but does not reproduce the uninterrupted one exactly."
+                f"Resuming {checkpoint} with {args.world_size} processes; it was trained with {saved_processes}. Each "
+                "process now sees other batches (and mixes them with its own draws), so the run continues correctly "
+                "but does not reproduce the uninterrupted one exactly."
             )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import torch
 from transformers import DefaultDataCollator, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable
+from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable, training_settings
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
 from .data import set_train_epoch
@@ -116,11 +117,7 @@ class TLAlignTrainer(Trainer):
         self._non_finite_loss = None  # a device flag: some training loss since the last log was NaN or infinite
         self._last_logged_step = 0
         self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
-        self.training_record = TrainingRecord(
-            {**args.mixing_settings_dict(), "tl_align": args.tl_align, "label_smoothing": args.label_smoothing},
-            num_processes=args.world_size,
-        )
-        self.add_callback(self.training_record)
+        self.add_callback(TrainingRecord(training_settings(args), args.world_size))
         self.add_callback(_EpochCallback(self))
 
     def _check_labels_in_range(self, num_labels: int | None) -> None:
@@ -132,8 +129,8 @@ class TLAlignTrainer(Trainer):
             names = [column] if column else [name for name in ("labels", "label") if name in dataset.column_names]
             if not names or names[0] not in dataset.column_names:
                 continue
-            labels = dataset.with_format(None)[names[0]]  # the raw column: no transform, no image decoding
-            bad = sorted({label for label in labels if isinstance(label, int) and not 0 <= label < num_labels})
+            labels = np.asarray(dataset.with_format(None)[names[0]])  # the raw column: no transform, no decoding
+            bad = np.unique(labels[(labels < 0) | (labels >= num_labels)]).tolist() if labels.dtype.kind in "iu" else []
             if bad:
                 raise ValueError(
                     f"{split_name} has labels {bad[:10]} in column {names[0]!r} outside the model's classes [0, "
@@ -153,7 +150,6 @@ class TLAlignTrainer(Trainer):
                     "was not written by Trainer, or its save was interrupted. Resume from an earlier checkpoint-N, "
                     "or remove this folder."
                 )
-        self.training_record.resumed_from = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- data
@@ -284,7 +280,8 @@ class TLAlignTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        trained = dict(self.training_record.trained_settings)  # the checkpoint's, if it was resumed with nothing to do
+        record = next(callback for callback in self.callback_handler.callbacks if isinstance(callback, TrainingRecord))
+        trained = dict(record.settings)  # the checkpoint's, when a finished run was resumed with nothing to do
         card = tl_align_model_card(
             self,
             **kwargs,
