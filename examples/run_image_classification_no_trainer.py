@@ -58,6 +58,7 @@ from tl_align_hf import (
     to_tl_align,
 )
 from tl_align_hf.attention import ATTENTION_PATHS
+from tl_align_hf.checkpoints import LoopRecord, check_writable, disk_full_error, training_settings
 from tl_align_hf.data import (
     AUGMENTATIONS,
     DEIT_RECIPE,
@@ -177,7 +178,14 @@ def save_checkpoint(accelerator, output_dir, name):
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
+    try:
+        accelerator.save_state(staging)
+    except (OSError, RuntimeError) as error:  # a full disk: say so, the previous checkpoint is untouched
+        previous = complete_checkpoints(output_dir)
+        full = disk_full_error(error, output_dir, name, str(previous[-1]) if previous else None)
+        if full is None:
+            raise
+        raise full from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(target, ignore_errors=True)
@@ -216,7 +224,7 @@ def main(argv=None):
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process and args.output_dir is not None:
-        os.makedirs(args.output_dir, exist_ok=True)
+        check_writable(args.output_dir)  # before training: a failed save would lose the run
     accelerator.wait_for_everyone()
 
     # Get the datasets: a dataset from the Hub, local imagefolders, or the built-in digits.
@@ -328,6 +336,10 @@ def main(argv=None):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
+    # What the weights are trained with, saved with every checkpoint: a resume with other settings is refused.
+    training_record = LoopRecord(training_settings(args.mixing, args.tl_align, args.label_smoothing), accelerator.num_processes)
+    accelerator.register_for_checkpointing(training_record)
+
     # Prepare everything with our `accelerator`.
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
@@ -383,6 +395,7 @@ def main(argv=None):
             completed_steps = int(number)
             starting_epoch = completed_steps // num_update_steps_per_epoch
             resume_step = (completed_steps % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        training_record.check_resumed(completed_steps, args.max_train_steps, checkpoint_path)
 
     # update the progress_bar if load from checkpoint
     progress_bar.update(completed_steps)
@@ -421,7 +434,11 @@ def main(argv=None):
                     # Loss and alignment metrics: means over all processes (the one sync, on logged steps only).
                     reduced_sums = accelerator.reduce(sums_since_log, reduction="sum")
                     train_sums = reduced_sums if train_sums is None else train_sums + reduced_sums
-                    entry = {"loss": accelerator.reduce(loss_since_log, reduction="mean").item() / micro_batches_since_log,
+                    mean_loss = accelerator.reduce(loss_since_log, reduction="mean").item() / micro_batches_since_log
+                    if not math.isfinite(mean_loss):
+                        raise RuntimeError(f"The training loss was {mean_loss} by step {completed_steps}: check the images "
+                                           "(NaN pixels), the learning rate and fp16 overflow.")  # fmt: skip
+                    entry = {"loss": mean_loss,
                              "learning_rate": lr_scheduler.get_last_lr()[0], **alignment_metrics(reduced_sums),
                              "epoch": epoch, "step": completed_steps}  # fmt: skip
                     log_history.append(entry)
@@ -476,13 +493,14 @@ def main(argv=None):
                 json.dump(results, f, indent=2)
             with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
                 json.dump({"log_history": log_history}, f, indent=2)
+            trained = training_record.settings  # a resumed finished run: the checkpoint's settings
             card = model_card(
                 model_class_name=type(unwrapped_model).__name__,
                 finetuned_from=args.model_name_or_path,
                 dataset=args.dataset_name or ("sklearn-digits" if args.use_digits else None),
-                mixing=args.mixing.mixing_settings_dict(),
-                tl_align=args.tl_align,
-                label_smoothing=args.label_smoothing,
+                mixing={key: value for key, value in trained.items() if key not in ("tl_align", "label_smoothing")},
+                tl_align=trained["tl_align"],
+                label_smoothing=trained["label_smoothing"],
                 hyperparameters={"learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,
                                  "total_train_batch_size": total_batch_size, "seed": args.seed,
                                  "lr_scheduler_type": args.lr_scheduler_type.value, "training_steps": completed_steps},

@@ -17,3 +17,16 @@ def digits(tmp_path_factory):
 def tiny_checkpoint(tmp_path_factory):
     """A saved tiny ViT for 16 px digits and its image processor."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-vit")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Tests that call scripts' `main` (which quiet the loggers for their run) leave the log levels as they were."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, package_level = hf_logging.get_verbosity(), logging.getLogger("tl_align_hf").level
+    yield
+    hf_logging.set_verbosity(verbosity)
+    logging.getLogger("tl_align_hf").setLevel(package_level)

@@ -1,19 +1,26 @@
-"""scripts/accuracy_study.py: the statistics, and a tiny end-to-end run of all six methods (< 60 s on CPU)."""
+"""scripts/accuracy_study.py: the statistics, the tuning mode, the eager-attention pairing, and a tiny end-to-end
+run of all seven arms (about a minute on one CPU thread)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import accuracy_study as study  # noqa: E402
 
 pytest.importorskip("matplotlib")
+
+TINY = ["--seeds", "2", "--epochs", "2", "--train-limit", "64", "--set", "test_limit=100"]
 
 
 def test_summarize_gives_t_interval():
@@ -31,44 +38,131 @@ def test_seeds_needed_grows_with_spread():
     assert study.seeds_needed(2 * 0.01**2, 0.0) == math.inf
 
 
+def runs_of(arm: str, accuracies: list[float]) -> list[dict]:
+    return [{"method": arm, "seed": seed, "accuracy": value} for seed, value in enumerate(accuracies)]
+
+
 def test_compare_pairs_runs_by_seed():
-    runs = [{"method": "cutmix", "seed": s, "accuracy": a} for s, a in enumerate([0.80, 0.90, 0.70])]
-    runs += [{"method": "cutmix+tl", "seed": s, "accuracy": a} for s, a in enumerate([0.81, 0.92, 0.73])]
+    runs = runs_of("cutmix", [0.80, 0.90, 0.70, 0.75, 0.60]) + runs_of("cutmix+tl", [0.81, 0.92, 0.73, 0.75, 0.59])
     result = study.compare(runs, "cutmix", "cutmix+tl")
-    assert result["difference"] == pytest.approx(0.02)
-    assert result["seeds_better"] == 3
-    assert result["paired_p"] < result["welch_p"]  # the pairing removes the between-seed spread
+    differences = [0.01, 0.02, 0.03, 0.0, -0.01]
+    assert result["differences"] == pytest.approx(differences)
+    assert result["mean_difference"] == pytest.approx(0.01)
+    assert (result["wins"], result["losses"], result["ties"]) == (3, 1, 1)
+    assert result["sign_test_p"] == pytest.approx(0.625)  # binomial(4, 1/2): P(<= 1 or >= 3) = 10/16
+    interval = study.summarize(differences)
+    assert (result["ci95_low"], result["ci95_high"]) == pytest.approx((interval["ci95_low"], interval["ci95_high"]))
+    assert 0.0 < result["paired_t_p"] < 1.0
+    assert result["seeds_for_80_power"] == study.seeds_needed(interval["std"] ** 2, 0.01)
+    assert study.compare(runs_of("cutmix", [0.8]) + runs_of("cutmix+tl", [0.9]), "cutmix", "cutmix+tl") is None
+
+
+def comparison(low: float, high: float) -> dict:
+    return {
+        "baseline": "cutmix", "treatment": "cutmix+tl", "n": 10, "mean_difference": (low + high) / 2,
+        "ci95_low": low, "ci95_high": high, "wins": 5, "losses": 4, "ties": 1, "sign_test_p": 1.0,
+        "paired_t_p": 0.5, "seeds_for_80_power": 40,
+    }  # fmt: skip
+
+
+def test_verdict_says_what_the_interval_rules_out():
+    text = study.verdict(comparison(-0.012, 0.034), "TL-Align")
+    assert "does not cost more than 1.20 points here" in text and "does not gain more than 3.40" in text
+    assert "about 40 seeds for 80% power" in text
+    assert "gains here: at least 0.50 and at most 2.00" in study.verdict(comparison(0.005, 0.02), "TL-Align")
+    assert "costs here: at least 0.50 and at most 2.00" in study.verdict(comparison(-0.02, -0.005), "TL-Align")
 
 
 def test_fixed_split_is_stratified():
     train, test = study.digits_splits()
-    assert (len(train), len(test)) == (1347, 450)
+    assert (len(train), len(test)) == (study.TRAIN_IMAGES, study.TEST_IMAGES) == (1347, 450)
     assert sorted(set(test["label"])) == list(range(10))
     assert train[0]["image"].size == (study.IMAGE_SIZE, study.IMAGE_SIZE)
     assert study.IMAGE_SIZE // study.PATCH_SIZE >= 8
 
 
-def test_quick_study_writes_table_json_and_chart(tmp_path):
-    argv = ["--quick", "--seeds", "2", "--epochs", "1", "--train-limit", "96", "--output-dir", str(tmp_path)]
+def test_study_defaults_and_quick_mode_stays_out_of_docs():
+    parser = study.make_parser()
+    settings, _, seeds, arms, output_dir, runs_dir = study.study_plan(parser, parser.parse_args([]))
+    assert settings == study.StudySettings() and settings.attn_implementation == "eager"
+    assert len(seeds) >= 10 and arms == list(study.ARMS)
+    settings, _, seeds, arms, output_dir, runs_dir = study.study_plan(parser, parser.parse_args(["--quick"]))
+    assert output_dir == study.REPO / "outputs" / "accuracy-quick" and runs_dir.is_relative_to(output_dir)
+    assert settings.epochs == 2 and settings.train_limit is not None and arms == list(study.ARMS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.epochs = 3
+
+
+def test_tuning_refuses_tl_align_arms_and_unknown_fields(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--tune", "t", "--methods", "cutmix", "cutmix+tl", "--tuning-dir", str(tmp_path)])
+    assert "only the plain arms" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--tune", "t", "--set", "learning_rat=1e-3", "--tuning-dir", str(tmp_path)])
+    assert "FIELD one of" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_tuning_run_is_recorded_in_the_doc(tmp_path, capsys):
+    tuning_dir = tmp_path / "tuning"
+    argv = ["--tune", "lr1e-3", "--methods", "none", "--seeds", "1", "--epochs", "1", "--train-limit", "32",
+            "--set", "learning_rate=1e-3", "test_limit=32", "--tuning-dir", str(tuning_dir), "--output-dir", str(tmp_path)]  # fmt: skip
+    study.main(argv)
+    assert (tuning_dir / "lr1e-3" / "tuning.json").exists() and (tuning_dir / "lr1e-3" / "none-seed0.json").exists()
+    doc = (tmp_path / "accuracy.md").read_text()
+    assert "<!-- accuracy-tuning:begin -->" in doc
+    row = next(line for line in doc.splitlines() if line.startswith("| lr1e-3 |"))
+    assert "learning_rate=0.001" in row and "epochs=1" in row
+    # The same name with other settings is refused instead of mixing two configurations.
+    with pytest.raises(SystemExit):
+        study.main([token if token != "learning_rate=1e-3" else "learning_rate=2e-3" for token in argv])
+    assert "choose a new name" in capsys.readouterr().err
+
+
+def test_mixup_pair_first_step_logits_are_bit_identical():
+    """Eager attention everywhere: the aligned arm's share computation reuses the very probabilities the plain arm
+    computes, so at the same seed both arms see the same batch and produce the same logits, bit for bit."""
+    settings = replace(study.StudySettings(), train_limit=64, test_limit=16)
+    train, test = study.digits_splits(settings.train_limit, settings.test_limit)
+    with tempfile.TemporaryDirectory() as work_dir:
+        plain_batch, plain = study.first_step_outputs("mixup", 0, settings, train, test, work_dir)
+        aligned_batch, aligned = study.first_step_outputs("mixup+tl", 0, settings, train, test, work_dir)
+    for key in ("pixel_values", "labels", "mix_index", "token_weights", "mix_lam"):
+        assert torch.equal(plain_batch[key], aligned_batch[key]), key
+    assert torch.equal(plain.logits, aligned.logits)
+    assert torch.allclose(aligned.aligned_lam, aligned_batch["mix_lam"], atol=1e-6)  # Mixup: equal targets
+
+
+def test_quick_study_writes_json_curves_comparisons_and_figure(tmp_path):
+    argv = ["--quick", *TINY, "--output-dir", str(tmp_path)]
     payload = study.main(argv)
 
     saved = json.loads((tmp_path / "accuracy_study.json").read_text())
     assert saved == payload
-    assert len(saved["runs"]) == 2 * len(study.METHODS)
-    assert {(run["method"], run["seed"]) for run in saved["runs"]} == {(m, s) for m in study.METHODS for s in (0, 1)}
+    assert {(run["method"], run["seed"]) for run in saved["runs"]} == {(a, s) for a in study.ARMS for s in (0, 1)}
+    assert len(saved["runs"]) == 2 * len(study.ARMS)
     for run in saved["runs"]:
-        assert 0.0 <= run["accuracy"] <= 1.0
-        assert 0.0 <= run["top5_accuracy"] <= 1.0
-    assert list(saved["summary"]) == list(study.METHODS)
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["accuracy"] == pytest.approx(run["curves"]["test_accuracy"][-1], abs=1e-6)
+        expected = {"train_loss", "mix_lam", "test_accuracy", "test_loss"}
+        expected |= {"aligned_lam", "alignment_gap"} if run["tl_align"] else set()
+        assert expected <= set(run["curves"])
+        assert all(len(run["curves"][name]) == 2 for name in expected)
+        assert run["train_steps"] == 2 and run["started"] <= run["finished"]
+    assert list(saved["summary"]) == list(study.ARMS)
     for row in saved["summary"].values():
-        assert set(row) == {"n", "mean", "std", "ci95_low", "ci95_high"}
-        assert row["n"] == 2 and 0.0 <= row["mean"] <= 1.0
-        assert row["ci95_low"] <= row["mean"] <= row["ci95_high"]
+        assert set(row) == {"n", "mean", "std", "ci95_low", "ci95_high"} and row["n"] == 2
+    assert [(c["baseline"], c["treatment"]) for c in saved["comparisons"]] == list(study.PAIRS)
+    for row in saved["comparisons"] + saved["mixing_comparisons"]:
+        assert {"mean_difference", "ci95_low", "ci95_high", "wins", "losses", "ties", "sign_test_p", "paired_t_p",
+                "seeds_for_80_power"} <= set(row)  # fmt: skip
+        assert row["wins"] + row["losses"] + row["ties"] == row["n"] == 2
+    assert set(saved["alignment"]) == set(study.TL_ARMS)
+    assert saved["timing"]["runs"] == 14 and saved["timing"]["span_s"] >= 0
 
     doc = (tmp_path / "accuracy.md").read_text()
     assert "<!-- accuracy-study:begin -->" in doc and "<!-- accuracy-study:end -->" in doc
-    assert "| method | seeds | mean acc. (%) | std (%) | 95% CI (%) |" in doc
-    assert "| mixup+tl vs mixup |" in doc
+    assert "| token_cutmix+tl vs token_cutmix |" in doc and "| mixup+tl vs mixup |" in doc
+    assert "--workers 2 --worker $w" in doc
     assert (tmp_path / "img" / "accuracy_study.png").stat().st_size > 0
 
     # A second call resumes: every run is already saved, nothing is trained again.

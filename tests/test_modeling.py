@@ -25,7 +25,7 @@ from tl_align_hf import (
 from tl_align_hf.modeling import ALIGNED_CLASSES
 
 from .reference import reference_cls_labels
-from .tiny_models import NUM_LABELS, aligned_copy, mixed_batch, tiny_model
+from .tiny_models import NUM_LABELS, NUM_PATCHES, aligned_copy, mixed_batch, tiny_model
 
 MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")
 PARENTS = {"vit": ViTForImageClassification, "deit": DeiTForImageClassification}
@@ -320,3 +320,14 @@ def test_raises_error_when_attention_path_is_unknown():
     batch = mixed_batch("binary")
     with pytest.raises(ValueError, match="`tl_align_attention_path` must be one of"):
         model(batch["pixel_values"], **mixing(batch))
+
+
+def test_an_unmixed_batch_has_aligned_shares_of_one_within_rounding_and_trains():
+    """All shares 1 (an unmixed batch): float rounding of the attention rows must not push aligned_lam above 1."""
+    model = aligned_copy(tiny_model(ViTForImageClassification)).train()
+    batch = mixed_batch("binary", batch_size=8)
+    batch.update(token_weights=torch.ones(8, NUM_PATCHES), mix_lam=torch.ones(8), mix_index=torch.arange(8))
+    out = model(batch["pixel_values"], **mixing(batch))
+    assert ((out.aligned_lam <= 1) & (out.aligned_lam > 1 - 1e-6)).all()
+    loss, _ = mixed_batch_loss(out, batch, label_smoothing=0.1)
+    loss.backward()

@@ -247,3 +247,31 @@ def test_push_to_hub_sends_model_processor_and_card(digits, tiny_checkpoint, tmp
         assert not server.hub.unhandled
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"} <= files
     assert not [name for name in files if name.startswith(("step_", "epoch_"))]
+
+
+# ----------------------------------------------------------------------------------------------- reliability
+
+
+def test_resuming_with_other_mixing_settings_is_refused(uninterrupted, digits, tiny_checkpoint, tmp_path):
+    _, full_dir = uninterrupted
+    with pytest.raises(ValueError, match=r"mixing_method: 'cutmix' in the checkpoint, 'mixup' now.*new --output_dir"):
+        train(digits, tiny_checkpoint, tmp_path / "out", **{"--resume_from_checkpoint": str(full_dir / "step_2"),
+                                                             "--mixing_method": "mixup", "--mixup_alpha": "0.8"})  # fmt: skip
+
+
+def test_a_finished_run_resumed_with_new_settings_says_so_and_its_card_keeps_the_trained_settings(
+    uninterrupted, digits, tiny_checkpoint, tmp_path, caplog
+):
+    _, full_dir = uninterrupted
+    options = {"--resume_from_checkpoint": str(full_dir / "step_4"), "--max_train_steps": "4",
+               "--mixing_method": "mixup", "--mixup_alpha": "0.8"}  # fmt: skip
+    with caplog.at_level("WARNING"):
+        train(digits, tiny_checkpoint, tmp_path / "out", **options)
+    assert "nothing left to train" in caplog.text and "mixing_method='cutmix'" in caplog.text
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`cutmix`" in card and "`mixup`" not in card
+
+
+def test_a_non_finite_loss_stops_the_run(digits, tiny_checkpoint, tmp_path):
+    with pytest.raises(RuntimeError, match=r"training loss was (nan|inf).*learning rate"):
+        train(digits, tiny_checkpoint, tmp_path / "out", **{"--learning_rate": "1e30", "--checkpointing_steps": "100"})

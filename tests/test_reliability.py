@@ -343,7 +343,7 @@ def test_a_collator_without_the_mixing_keys_is_refused(tmp_path, collator):
 @pytest.mark.parametrize(
     "changes, message",
     [(dict(label_smoothing=1.0), r"`label_smoothing` must be in \[0, 1\)"),
-     (dict(own_share=torch.tensor([0.5, 1.5, 0.2, 0.1])), r"`own_share` must hold shares in \[0, 1\]"),
+     (dict(own_share=torch.tensor([0.5, 1.5, 0.2, 0.1])), r"`own_share` must hold values in \[0, 1\] \(shares"),
      (dict(labels=torch.tensor([0, 1, 2, NUM_LABELS])), rf"`labels` must hold values in \[0, {NUM_LABELS}\)"),
      (dict(labels=torch.tensor([0, 1, 2])), r"`labels` must be a \(4,\) integer tensor")],
     ids=["smoothing", "shares", "labels_out_of_range", "labels_wrong_length"],

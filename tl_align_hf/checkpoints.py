@@ -42,14 +42,22 @@ def check_writable(folder: str) -> None:
         ) from error
 
 
-def _is_disk_full(error: BaseException, folder: str) -> bool:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return True
+def disk_full_error(error: BaseException, folder: str, name: str, previous: str | None) -> OSError | None:
+    """The OSError (ENOSPC) to raise instead of `error`, raised while saving `name` into `folder`, when the disk is
+    full (torch then says only `basic_ios::clear: iostream error`); `None` when it is another error."""
     try:
         nearly_full = shutil.disk_usage(folder).free < 16 * 2**20
     except OSError:
         nearly_full = False
-    return nearly_full or any(marker in str(error) for marker in _FULL_DISK_MARKERS)
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not (full or nearly_full or any(marker in str(error) for marker in _FULL_DISK_MARKERS)):
+        return None
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on device while saving {name} to {folder} ({error}). The previous checkpoint "
+        f"({previous or 'none'}) is intact: free some space (or keep fewer checkpoints, or choose another "
+        "--output_dir) and run the same command again to resume from it.",
+    )
 
 
 @contextlib.contextmanager
@@ -68,16 +76,11 @@ def atomic_checkpoint_save(trainer, run_dir: str):
     try:
         yield staging_root
     except (OSError, RuntimeError) as error:
-        if not _is_disk_full(error, run_dir):
+        full = disk_full_error(error, run_dir, name, get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None)
+        if full is None:
             raise
-        previous = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
         shutil.rmtree(staged, ignore_errors=True)
-        raise OSError(
-            errno.ENOSPC,
-            f"No space left on device while saving {name} to {run_dir} ({error}). The previous checkpoint "
-            f"({previous or 'none'}) is intact: free some space (or set --save_total_limit, or choose another "
-            "--output_dir) and run the same command again to resume from it.",
-        ) from error
+        raise full from error
     trainer.accelerator.wait_for_everyone()  # every process has written its part (RNG states) into `staged`
     if trainer.args.should_save:
         if trainer.state.best_model_checkpoint == os.path.join(staging_root, name):
@@ -89,20 +92,57 @@ def atomic_checkpoint_save(trainer, run_dir: str):
     trainer.accelerator.wait_for_everyone()
 
 
-def training_settings(args) -> dict[str, Any]:
-    """What a model trained with `args` (a `TLAlignConfig`) is trained with: the mixing settings, TL-Align, smoothing."""
-    return {**args.mixing_settings_dict(), "tl_align": args.tl_align, "label_smoothing": args.label_smoothing}
+def training_settings(mixing, tl_align: bool, label_smoothing: float) -> dict[str, Any]:
+    """What a model is trained with: the mixing settings (a `MixingSettings`, e.g. a `TLAlignConfig`), TL-Align and
+    the label smoothing, as one flat dict."""
+    return {**mixing.mixing_settings_dict(), "tl_align": tl_align, "label_smoothing": label_smoothing}
+
+
+def check_resumed_settings(
+    saved: dict[str, Any] | None, current: dict[str, Any], step: int, max_steps: int, *, saved_processes=None,
+    num_processes: int = 1, checkpoint: str = "the checkpoint",
+) -> dict[str, Any]:
+    """Compare the settings a checkpoint was trained with (`saved`, `None` for checkpoints without a record) with
+    the `current` ones, at a resume at `step` of `max_steps`; return the settings the weights are trained with.
+
+    A finished run (`step >= max_steps`) has nothing left to train: logged at warning level, and the saved settings
+    are returned (the model card must describe them). An unfinished run with other settings raises a ValueError
+    before any step: one model would be trained with two recipes. Another number of processes is a warning.
+    """
+    if not saved:
+        return current
+    changed = {key: (value, current.get(key)) for key, value in saved.items() if current.get(key) != value}
+    if step >= max_steps:
+        trained_with = ", ".join(f"{key}={old!r}" for key, (old, _) in changed.items())
+        logger.warning(
+            f"Resumed from {checkpoint}, which had finished training (step {step} of {max_steps}): nothing left to "
+            "train. The model saved now, and its card, are that run's"
+            + (f" (trained with {trained_with}, not the settings given now)" if changed else "")
+            + ". To train again, use a new --output_dir (or remove its checkpoints)."
+        )
+        return saved
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
+        raise ValueError(
+            f"{checkpoint} was trained with other settings ({listed}). Resuming would train one model with two "
+            "recipes. Run with the checkpoint's settings to resume, or start fresh with a new --output_dir (or "
+            "start from its weights with --model_name_or_path pointing at the checkpoint)."
+        )
+    if saved_processes not in (None, num_processes):
+        logger.warning(
+            f"Resuming {checkpoint} with {num_processes} processes; it was trained with {saved_processes}. Each "
+            "process now sees other batches (and mixes them with its own draws), so the run continues correctly "
+            "but does not reproduce the uninterrupted one exactly."
+        )
+    return current
 
 
 class TrainingRecord(TrainerCallback, ExportableState):
-    """The settings the weights are trained with, kept in each checkpoint's `trainer_state.json`.
+    """The settings the weights are trained with, kept in each checkpoint's `trainer_state.json` (see
+    :func:`check_resumed_settings`, which :meth:`on_train_begin` applies when a run resumes from a checkpoint).
 
-    `settings` holds the mixing settings, `tl_align` and `label_smoothing`, `num_processes` the number of processes
-    (which changes the data each process sees and so the run). When a run resumes from a checkpoint (training starts
-    at a step above 0), :meth:`on_train_begin` compares the current ones with the checkpoint's: other settings on an
-    unfinished run raise a ValueError before any step (one model would mix two recipes); a finished run says at
-    warning level that it has nothing left to train, and `settings` stays the checkpoint's, which the model card
-    describes; another number of processes warns that the run will not reproduce the uninterrupted one exactly.
+    `settings` holds the mixing settings, `tl_align` and `label_smoothing`, `num_processes` the number of processes.
+    It keeps no reference to the trainer, so transformers' `restore_callback_states_from_checkpoint` can rebuild it.
     """
 
     def __init__(self, settings: dict[str, Any] | None = None, num_processes: int | None = None):
@@ -112,33 +152,35 @@ class TrainingRecord(TrainerCallback, ExportableState):
         return {"args": {"settings": self.settings, "num_processes": self.num_processes}, "attributes": {}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        current, saved = training_settings(args), (state.stateful_callbacks or {}).get(type(self).__name__, {})
-        saved_settings, saved_processes = saved.get("args", {}).get("settings"), saved.get("args", {}).get("num_processes")
-        self.settings, self.num_processes = current, args.world_size
-        if state.global_step == 0 or not saved_settings:  # a fresh run (or a checkpoint from before this record)
+        current = training_settings(args, args.tl_align, args.label_smoothing)
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__, {}).get("args", {})
+        self.num_processes = args.world_size
+        if state.global_step == 0:  # a fresh run
+            self.settings = current
             return
-        checkpoint = f"the checkpoint of step {state.global_step}"
-        changed = {key: (value, current.get(key)) for key, value in saved_settings.items() if current.get(key) != value}
-        if state.global_step >= state.max_steps:
-            trained_with = ", ".join(f"{key}={old!r}" for key, (old, _) in changed.items())
-            logger.warning(
-                f"Resumed from {checkpoint}, which had finished training (step {state.global_step} of "
-                f"{state.max_steps}): nothing left to train. The model saved now, and its card, are that run's"
-                + (f" (trained with {trained_with}, not the settings given now)" if changed else "")
-                + ". To train again, use a new --output_dir (or remove its checkpoint-* folders)."
-            )
-            self.settings = saved_settings  # what the weights were trained with: the card describes that
-            return
-        if changed:
-            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
-            raise ValueError(
-                f"{checkpoint} was trained with other settings ({listed}). Resuming would train one model with two "
-                "recipes. Run with the checkpoint's settings to resume, or start fresh with a new --output_dir (or "
-                "start from its weights with --model_name_or_path pointing at the checkpoint)."
-            )
-        if saved_processes not in (None, args.world_size):
-            logger.warning(
-                f"Resuming {checkpoint} with {args.world_size} processes; it was trained with {saved_processes}. Each "
-                "process now sees other batches (and mixes them with its own draws), so the run continues correctly "
-                "but does not reproduce the uninterrupted one exactly."
-            )
+        self.settings = check_resumed_settings(
+            saved.get("settings"), current, state.global_step, state.max_steps, saved_processes=saved.get("num_processes"),
+            num_processes=args.world_size, checkpoint=f"the checkpoint of step {state.global_step}",
+        )  # fmt: skip
+
+
+class LoopRecord:
+    """The same record for an Accelerate loop: `accelerator.register_for_checkpointing(record)` saves and loads it
+    with every checkpoint; after `load_state`, :meth:`check_resumed` applies :func:`check_resumed_settings`."""
+
+    def __init__(self, settings: dict[str, Any], num_processes: int):
+        self.settings, self.num_processes, self.saved = settings, num_processes, None
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings, "num_processes": self.num_processes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved = state
+
+    def check_resumed(self, step: int, max_steps: int, checkpoint: str) -> dict[str, Any]:
+        saved = self.saved or {}
+        self.settings = check_resumed_settings(
+            saved.get("settings"), self.settings, step, max_steps, saved_processes=saved.get("num_processes"),
+            num_processes=self.num_processes, checkpoint=checkpoint,
+        )  # fmt: skip
+        return self.settings

@@ -61,7 +61,8 @@ def mixing_loss(
 
 
 def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.Tensor, own_share: torch.Tensor) -> None:
-    """Shapes and dtypes on the host; value ranges only where they cost no device sync (CPU, not compiling)."""
+    """Shapes and dtypes on the host; value ranges as a ValueError on the CPU, an asynchronous device assert on an
+    accelerator or while compiling (reading a value back would stall the device's queue and break the graph)."""
     batch_size, num_classes = logits.shape[0], logits.shape[-1]
     for name, value in (("labels", labels), ("mix_index", mix_index)):
         if value.dtype.is_floating_point or value.dtype == torch.bool or tuple(value.shape) != (batch_size,):
@@ -71,22 +72,22 @@ def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.T
             )
     if tuple(own_share.shape) != (batch_size,):
         raise ValueError(f"`own_share` must have shape ({batch_size},) (one share per image), got {tuple(own_share.shape)}.")
-    if labels.device.type != "cpu" or torch.compiler.is_compiling() or not batch_size:
+    if not batch_size:
         return
-    for name, value, high, fix in (
-        ("labels", labels, num_classes, f"class ids of these {num_classes}-class logits; check the label column"),
-        ("mix_index", mix_index, batch_size, "positions in the batch, as the collator gives them"),
-    ):
-        if value.min() < 0 or value.max() >= high:
-            raise ValueError(
-                f"`{name}` must hold values in [0, {high}) ({fix}), got values in [{int(value.min())}, "
-                f"{int(value.max())}]."
-            )
-    if bool(((own_share < 0) | (own_share > 1)).any()):  # NaN passes: it comes from the model, flagged as a NaN loss
-        raise ValueError(
-            f"`own_share` must hold shares in [0, 1] (aligned_lam or mix_lam), got values in "
-            f"[{own_share.min().item():.4g}, {own_share.max().item():.4g}]."
-        )
+    on_host = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    checks = (
+        ("labels", ((labels >= 0) & (labels < num_classes)).all(), f"[0, {num_classes})", "class ids of these logits; check the label column"),
+        ("mix_index", ((mix_index >= 0) & (mix_index < batch_size)).all(), f"[0, {batch_size})", "positions in the batch"),
+        # NaN passes (it comes from the model, and is reported as a non-finite loss); 1e-5: float rounding
+        ("own_share", ~((own_share < -1e-5) | (own_share > 1 + 1e-5)).any(), "[0, 1]", "shares: aligned_lam or mix_lam"),
+    )  # fmt: skip
+    for name, in_range, bounds, meaning in checks:
+        message = f"`{name}` must hold values in {bounds} ({meaning})"
+        if not on_host:
+            torch._assert_async(in_range, message)
+        elif not bool(in_range):
+            values = {"labels": labels, "mix_index": mix_index, "own_share": own_share}[name].float()
+            raise ValueError(f"{message}, got values in [{values.min().item():.4g}, {values.max().item():.4g}].")
 
 
 def _head_logits(outputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

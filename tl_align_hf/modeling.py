@@ -229,6 +229,8 @@ class TLAlignMixin:
         smoothed by ``target_smoothing`` (not named ``label_smoothing``: transformers takes every forward argument
         with "label" in its name for a label).
         """
+        if isinstance(target_smoothing, bool) or not 0.0 <= target_smoothing < 1.0:
+            raise ValueError(f"`target_smoothing` must be in [0, 1) (the label smoothing of the aligned loss), got {target_smoothing!r}.")
         if labels is not None and (labels.dtype.is_floating_point or labels.dim() != 1):
             raise TypeError(
                 f"`labels` must be a (batch_size,) integer tensor of each sample's own class, got dtype {labels.dtype} "
@@ -241,7 +243,8 @@ class TLAlignMixin:
         aligner = self._start_aligner(pixel_values, mix_index, token_weights, mix_lam)
         outputs = parent_forward(self, **arguments, token_label_aligner=aligner, return_dict=True)
         aligner.close(expected_updates=self.tl_align_num_blocks)
-        fields = {**outputs, "aligned_lam": self.tl_align_readout(aligner.shares)}
+        # A mean of shares: in [0, 1] but for float rounding (rows of P sum to 1 only to ~1e-7), which the clamp removes.
+        fields = {**outputs, "aligned_lam": self.tl_align_readout(aligner.shares).clamp(0.0, 1.0)}
         if labels is not None:
             batch = {"labels": labels, "mix_index": mix_index, "mix_lam": mix_lam}
             fields["loss"] = mixed_batch_loss(fields, batch, label_smoothing=target_smoothing)[0]

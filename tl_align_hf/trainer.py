@@ -93,7 +93,8 @@ class TLAlignTrainer(Trainer):
                 f"TL-Align needs at least two classes, but the model has num_labels={num_labels}: a mixed target is a "
                 "share between two labels (with one class the loss is 0 and the accuracy 1). Check the label column."
             )
-        if data_collator is default_data_collator or isinstance(data_collator, DefaultDataCollator):
+        default_collator = data_collator is default_data_collator or isinstance(data_collator, DefaultDataCollator)
+        if default_collator and args.mixing_method != "none":
             raise ValueError(
                 f"data_collator={data_collator!r} does not mix (no mix_index / token_weights / mix_lam), so mixing_method="
                 f"{args.mixing_method!r} would be silently ignored. Leave data_collator unset (TLAlignTrainer builds a "
@@ -117,7 +118,7 @@ class TLAlignTrainer(Trainer):
         self._non_finite_loss = None  # a device flag: some training loss since the last log was NaN or infinite
         self._last_logged_step = 0
         self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
-        self.add_callback(TrainingRecord(training_settings(args), args.world_size))
+        self.add_callback(TrainingRecord(training_settings(args, args.tl_align, args.label_smoothing), args.world_size))
         self.add_callback(_EpochCallback(self))
 
     def _check_labels_in_range(self, num_labels: int | None) -> None:
@@ -227,15 +228,15 @@ class TLAlignTrainer(Trainer):
 
         Every process calls `log` at the same steps, so the sums are reduced across processes here (the one sync).
         """
-        if "loss" in logs and self._alignment_sums is not None:
+        if ("loss" in logs or "train_loss" in logs) and self._alignment_sums is not None:  # train_loss: the last log
             logs.update(alignment_metrics(self.accelerator.reduce(self._alignment_sums, reduction="sum")))
             self._alignment_sums = None
             if bool(self.accelerator.reduce(self._non_finite_loss.float(), reduction="sum") > 0):
                 raise RuntimeError(
                     f"A training loss was NaN or infinite after step {self._last_logged_step} and by step "
                     f"{self.state.global_step} (the logged loss hides it: Trainer's logging_nan_inf_filter). Check the "
-                    "images (NaN or infinite pixels), the learning rate and fp16 overflow; the last checkpoint was "
-                    "saved before this."
+                    "images (NaN or infinite pixels), the learning rate and fp16 overflow; checkpoints saved since "
+                    f"step {self._last_logged_step} may hold non-finite weights."
                 )
             self._non_finite_loss, self._last_logged_step = None, self.state.global_step
         super().log(logs, start_time)
