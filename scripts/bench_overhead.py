@@ -159,10 +159,14 @@ def measure(name: str, variants: list[str], args, device: torch.device) -> dict:
             if device.type == "cuda":
                 peak_memory[variant] = max(peak_memory.get(variant, 0), torch.cuda.max_memory_allocated())
     medians = {variant: statistics.median(values) for variant, values in times.items()}
-    base = medians[variants[0]]
     rows = {}
     for variant in variants:
-        row = {"median_s": medians[variant], "ratio": medians[variant] / base}
+        # Paired: the ratio to the baseline's step of the same round (drift of the machine cancels), then the median.
+        ratios = [value / base for value, base in zip(times[variant], times[variants[0]])]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        row = {"median_s": medians[variant], "ratio": statistics.median(ratios),
+               "ratio_quartiles": [quartiles[0], quartiles[2]], "min_s": min(times[variant]),
+               "min_ratio": min(times[variant]) / min(times[variants[0]]), "times_s": times[variant]}  # fmt: skip
         if peak_memory:
             row["peak_memory_gib"] = peak_memory[variant] / 2**30
             row["memory_ratio"] = peak_memory[variant] / peak_memory[variants[0]]
@@ -173,11 +177,13 @@ def measure(name: str, variants: list[str], args, device: torch.device) -> dict:
 def print_table(name: str, rows: dict, args, device: torch.device) -> None:
     print(f"\n### {CONFIGS[name][0]}, {args.image_size} px, batch {args.batch_size}, {device.type}")
     has_memory = any("peak_memory_gib" in row for row in rows.values())
-    header = "| variant | median step (s) | ratio to plain-sdpa |" + (" peak memory (GiB) | memory ratio |" if has_memory else "")
+    header = f"| variant | median step (s) | ratio to {next(iter(rows))} (median of per-round ratios) | quartiles | fastest step (s) | ratio of fastest steps |"
+    header += " peak memory (GiB) | memory ratio |" if has_memory else ""
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for variant, row in rows.items():
-        line = f"| {variant} | {row['median_s']:.4f} | {row['ratio']:.3f} |"
+        line = (f"| {variant} | {row['median_s']:.4f} | {row['ratio']:.3f} | {row['ratio_quartiles'][0]:.3f}-"
+                f"{row['ratio_quartiles'][1]:.3f} | {row['min_s']:.4f} | {row['min_ratio']:.3f} |")  # fmt: skip
         if has_memory:
             line += f" {row['peak_memory_gib']:.2f} | {row['memory_ratio']:.3f} |"
         print(line)

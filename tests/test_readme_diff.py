@@ -63,3 +63,29 @@ def test_patched_script_trains_with_the_label_column_it_uses(patched_script, dig
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and all("aligned_lam" in entry for entry in logs)
     assert json.loads((output_dir / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
+
+
+def _python_block_after(path: Path, heading: str) -> str:
+    section = path.read_text()[path.read_text().index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+@pytest.mark.parametrize("document, heading", [("README.md", "## Mixing methods"), ("docs/mixing_methods.md", "## Mixing methods")])
+def test_the_documented_mixing_examples_run(document, heading):
+    """Every collator line of the docs' mixing examples builds a collator whose batches the model takes."""
+    import torch
+    from transformers import ViTForImageClassification
+
+    from .tiny_models import IMAGE_SIZE, aligned_copy, tiny_model
+
+    model = aligned_copy(tiny_model(ViTForImageClassification))
+    code = _python_block_after(ROOT / document, heading)
+    lines = [line for line in code.splitlines() if line.startswith("collator = ")]
+    assert len(lines) == 6
+    examples = [{"pixel_values": torch.rand(3, IMAGE_SIZE, IMAGE_SIZE), "label": i % 10} for i in range(4)]
+    for line in lines:
+        namespace = {"model": model}
+        exec("from tl_align_hf import TLAlignCollator\n" + line, namespace)
+        batch = namespace["collator"](examples)
+        with torch.no_grad():
+            assert model(batch["pixel_values"], **{k: batch[k] for k in ("mix_index", "token_weights", "mix_lam")}).aligned_lam.shape == (4,)
