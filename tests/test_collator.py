@@ -359,15 +359,18 @@ def test_label_column_name_picks_the_label_key():
         TLAlignCollator(_collator().mixer, label_column_name="coarse")(examples)
 
 
-def test_mixer_mixes_a_stacked_batch_in_place_in_any_float_dtype():
+def test_mixer_mixes_a_stacked_batch_or_a_list_alike_in_any_float_dtype():
     mixer = TLAlignMixer(MixingSettings(mixing_method="cutmix"), PATCH)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        pixel_values = torch.stack([_image(i) for i in range(5)]).to(dtype)
-        batch = mixer(pixel_values, mixing_generator(0, 1))
-        assert batch["pixel_values"] is pixel_values and pixel_values.dtype == dtype
+        images = [_image(i).to(dtype) for i in range(5)]
+        stacked = torch.stack(images)
+        batch = mixer(stacked, mixing_generator(0, 1))
+        from_list = mixer(images, mixing_generator(0, 1))
+        assert all(torch.equal(batch[key], from_list[key]) for key in batch)
+        assert torch.equal(stacked, torch.stack(images)) and batch["pixel_values"].dtype == dtype  # input untouched
         assert batch["token_weights"].dtype == torch.float32 and batch["mix_index"].dtype == torch.int64
         if dtype == torch.float32:
-            expected = _own_share_per_patch(_sources(pixel_values))
+            expected = _own_share_per_patch(_sources(batch["pixel_values"]))
             torch.testing.assert_close(batch["token_weights"], expected, rtol=0, atol=1e-6)
 
 

@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from tl_align_hf.mixing import (
-    blend_,
     box_lam,
     box_pixel_mask,
     box_token_weights,
     cutmix_bbox_and_lam,
     cyclic_pairing,
     flip_pairing,
+    mix_images,
     mutual_pairing,
     pair_leaders,
-    paste_box_,
+    paste_box,
     rand_bbox,
     rand_bbox_minmax,
     random_token_mask,
@@ -155,41 +155,49 @@ def _images(batch_size=4, channels=2, height=6, width=8):
     return [torch.randn(channels, height, width, generator=_generator(i)) for i in range(batch_size)]
 
 
-def test_paste_box_fills_the_box_from_the_partner_in_place():
-    originals = torch.stack(_images())
-    pixel_values = originals.clone()
-    mix_index = torch.tensor([2, 0, 3, 1])  # a permutation: every image is read and written
-    mixed = paste_box_(pixel_values, mix_index, (1, 4, 2, 7))
-    expected = originals.clone()
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_paste_box_fills_the_box_from_the_partner_and_leaves_inputs_alone(as_tensor):
+    images = _images()
+    originals = [image.clone() for image in images]
+    mix_index = torch.tensor([2, 0, 3, 1])
+    source = torch.stack(images) if as_tensor else images
+    mixed = paste_box(source, mix_index, (1, 4, 2, 7))
+    expected = torch.stack(originals)
     for i, j in enumerate(mix_index.tolist()):
-        expected[i, :, 1:4, 2:7] = originals[j, :, 1:4, 2:7]
-    assert mixed is pixel_values and torch.equal(mixed, expected)
-    assert torch.equal(paste_box_(originals.clone(), mix_index, (2, 2, 0, 8)), originals)
+        expected[i, :, 1:4, 2:7] = originals[j][:, 1:4, 2:7]
+    assert torch.equal(mixed, expected)
+    assert all(torch.equal(a, b) for a, b in zip(images, originals))
+    assert torch.equal(paste_box(images, mix_index, (2, 2, 0, 8)), torch.stack(originals))
 
 
 @pytest.mark.parametrize("share_kind", ["float", "per_sample", "shared_map", "per_sample_map"])
-def test_blend_mixes_each_pixel_with_its_partner_in_place(share_kind):
-    stacked = torch.stack(_images())
+def test_mix_images_blends_each_pixel_with_its_partner(share_kind):
+    images = _images()
     mix_index = torch.tensor([1, 2, 3, 0])
     shares = {
         "float": 0.3,
-        "per_sample": torch.tensor([0.0, 0.25, 1.0, 0.6]).view(-1, 1, 1, 1),
-        "shared_map": torch.rand(1, 1, 6, 8, generator=_generator(9)),
-        "per_sample_map": torch.rand(4, 1, 6, 8, generator=_generator(9)),
+        "per_sample": torch.tensor([0.0, 0.25, 1.0, 0.6]),
+        "shared_map": torch.rand(6, 8, generator=_generator(9)),
+        "per_sample_map": torch.rand(4, 6, 8, generator=_generator(9)),
     }
     share = shares[share_kind]
-    pixel_values = stacked.clone()
-    mixed = blend_(pixel_values, mix_index, share)
+    mixed = mix_images(images, mix_index, share)
+    stacked = torch.stack(images)
     weight = torch.as_tensor(share, dtype=torch.float32)
+    if weight.ndim == 1:
+        weight = weight.view(-1, 1, 1, 1)
+    elif weight.ndim > 1:
+        weight = weight.unsqueeze(-3)
     expected = (1 - weight) * stacked + weight * stacked[mix_index]
-    assert mixed is pixel_values
     torch.testing.assert_close(mixed, expected)
+    assert torch.equal(torch.stack(images), stacked)
 
 
-def test_blend_copies_pixels_exactly_at_shares_zero_and_one():
-    stacked = torch.stack(_images())
+def test_mix_images_copies_pixels_exactly_at_shares_zero_and_one():
+    images = _images()
     mix_index = torch.tensor([3, 2, 1, 0])
-    share = (torch.rand(4, 1, 6, 8, generator=_generator(2)) < 0.5).float()
-    mixed = blend_(stacked.clone(), mix_index, share)
-    expected = torch.where(share.bool(), stacked[mix_index], stacked)
+    share = (torch.rand(4, 6, 8, generator=_generator(2)) < 0.5).float()
+    mixed = mix_images(images, mix_index, share)
+    stacked = torch.stack(images)
+    expected = torch.where(share.bool().unsqueeze(1), stacked[mix_index], stacked)
     assert torch.equal(mixed, expected)

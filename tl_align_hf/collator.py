@@ -24,16 +24,19 @@ from .mixer import MixingSettings, TLAlignMixer, mixing_generator
 _DIGEST_SAMPLES_PER_SIDE = 16  # pixels per image side that enter the batch digest (about 16 x 16 x C per image)
 
 
-def batch_digest(pixel_values: torch.Tensor, labels: torch.Tensor, check_finite: bool = False) -> int:
-    """A 63-bit digest of a batch: its labels and a strided sample of its pixels (`(B, C, H, W)`, `(B,)`).
+def batch_digest(
+    pixel_values: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, check_finite: bool = False
+) -> int:
+    """A 63-bit digest of a batch: its labels and a strided sample of its pixels (`(B, C, H, W)` or B `(C, H, W)`,
+    and `(B,)`).
 
     Any change of a label, of the order of the samples or of the sampled pixels gives another digest; hashing a
     `16 x 16` grid per image instead of every pixel keeps it well under a millisecond for 128 images of 224 px.
     With `check_finite`, a NaN or infinite value among the sampled pixels raises a ValueError naming the images.
     """
-    height, width = pixel_values.shape[-2:]
+    height, width = pixel_values[0].shape[-2:]
     rows, cols = max(1, height // _DIGEST_SAMPLES_PER_SIDE), max(1, width // _DIGEST_SAMPLES_PER_SIDE)
-    sample = pixel_values[:, :, ::rows, ::cols].detach().float().cpu().contiguous()
+    sample = torch.stack([image[:, ::rows, ::cols] for image in pixel_values]).detach().float().cpu()
     if check_finite and not bool(torch.isfinite(sample).all()):
         bad = (~torch.isfinite(sample)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(
@@ -175,9 +178,9 @@ class TLAlignCollator:
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate and mix `examples` (B dicts) into the batch described in the class docstring."""
-        pixel_values, labels = self._stack(examples, labels_required=True)
-        generator = mixing_generator(self.seed, self._rank(), self.epoch, batch_digest(pixel_values, labels, check_finite=True))
-        mixed = self.mixer(pixel_values, generator)
+        images, labels = self._checked(examples, labels_required=True)
+        generator = mixing_generator(self.seed, self._rank(), self.epoch, batch_digest(images, labels, check_finite=True))
+        mixed = self.mixer(images, generator)  # stacks and mixes in one pass
         return {"pixel_values": mixed.pop("pixel_values"), "labels": labels, **mixed}
 
     def collate_unmixed(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -185,7 +188,8 @@ class TLAlignCollator:
 
         Returns `pixel_values` (B, C, H, W) and, when every example has a label, `labels` (B,) int64.
         """
-        pixel_values, labels = self._stack(examples, labels_required=False)
+        images, labels = self._checked(examples, labels_required=False)
+        pixel_values = torch.stack(images)
         return {"pixel_values": pixel_values} if labels is None else {"pixel_values": pixel_values, "labels": labels}
 
     def _rank(self) -> int:
@@ -195,8 +199,8 @@ class TLAlignCollator:
             return torch.distributed.get_rank()
         return int(os.environ.get("RANK", 0))
 
-    def _stack(self, examples: Sequence[Mapping[str, Any]], labels_required: bool):
-        """`(B, C, H, W)` stacked images and `(B,)` int64 labels (None if not required and some example has none)."""
+    def _checked(self, examples: Sequence[Mapping[str, Any]], labels_required: bool):
+        """B checked `(C, H, W)` images and `(B,)` int64 labels (None if not required and some example has none)."""
         if not isinstance(examples, list | tuple) or not examples:
             raise ValueError("TLAlignCollator needs a non-empty list of examples (dicts with pixel_values and label).")
         images = [_image(example, position) for position, example in enumerate(examples)]
@@ -214,8 +218,7 @@ class TLAlignCollator:
                 "or build the model with a matching num_channels."
             )
         self.mixer.check_image_size(images[0].shape[-2:], "image size")
-        labels = self._labels(examples, labels_required)
-        return torch.stack(images), labels
+        return images, self._labels(examples, labels_required)
 
     def _labels(self, examples: Sequence[Mapping[str, Any]], labels_required: bool) -> torch.Tensor | None:
         keys = (self.label_column_name,) if self.label_column_name else ("labels", "label")

@@ -27,15 +27,16 @@ import torch
 from transformers.utils import logging
 
 from .mixing import (
-    blend_,
+    _stack,
     box_pixel_mask,
     box_token_weights,
     cutmix_bbox_and_lam,
     cyclic_pairing,
     flip_pairing,
+    mix_images,
     mutual_pairing,
     pair_leaders,
-    paste_box_,
+    paste_box,
     random_token_mask,
     sample_lam,
     token_grid_bbox,
@@ -224,7 +225,7 @@ class TLAlignMixer:
     >>> from tl_align_hf import MixingSettings, TLAlignMixer, mixing_generator
     >>> mixer = TLAlignMixer(MixingSettings(mixing_method="cutmix"), patch_size=16)
     >>> pixel_values = torch.rand(8, 3, 224, 224)
-    >>> batch = mixer(pixel_values, mixing_generator(0, 1))   # mixes pixel_values in place, as timm's Mixup
+    >>> batch = mixer(pixel_values, mixing_generator(0, 1))   # a new, mixed tensor: pixel_values are left alone
     >>> {key: tuple(value.shape) for key, value in batch.items()}
     {'pixel_values': (8, 3, 224, 224), 'mix_index': (8,), 'token_weights': (8, 196), 'mix_lam': (8,)}
 
@@ -238,9 +239,10 @@ class TLAlignMixer:
             mode, so no sample is its own partner and odd batches work) or `"flip"` (`i <-> B-1-i`, as timm and the
             official code; the middle sample of an odd batch stays unmixed).
 
-    Calling it with `pixel_values` `(B, C, H, W)` (any float dtype, any device) and a CPU `torch.Generator` returns:
+    Calling it with `pixel_values` `(B, C, H, W)` (any float dtype, any device; or B `(C, H, W)` images, which are
+    stacked and mixed in one pass, as the collator does) and a CPU `torch.Generator` returns:
 
-    - `pixel_values`: the same tensor, mixed in place.
+    - `pixel_values`: the mixed batch, a new tensor (the input is not modified; each image is written once).
     - `mix_index`: `(B,)` int64, the partner `j` whose pixels fill the rest of sample `i` (`i` when unmixed).
     - `token_weights`: `(B, N)` float32 in [0, 1], the share of each patch's pixels from sample `i` itself,
       patch-grid row-major, `N = (H / patch_h) * (W / patch_w)`.
@@ -313,35 +315,37 @@ class TLAlignMixer:
         """Patch tokens of an image of `(height, width)`."""
         return (image_size[0] // self.patch_size[0]) * (image_size[1] // self.patch_size[1])
 
-    def __call__(self, pixel_values: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Mix `pixel_values` `(B, C, H, W)` in place with the draws of `generator`; see the class docstring."""
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or not pixel_values.is_floating_point():
-            described = f"{pixel_values.dtype} tensor of shape {tuple(pixel_values.shape)}" if isinstance(
-                pixel_values, torch.Tensor
-            ) else type(pixel_values).__name__
-            raise TypeError(f"`pixel_values` must be a float tensor of shape (B, C, H, W), got {described}.")
+    def __call__(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Mix `pixel_values` ((B, C, H, W), or B (C, H, W) tensors, which are stacked on the way) with the draws of
+        `generator`; see the class docstring."""
+        first = pixel_values[0] if isinstance(pixel_values, list | tuple) and pixel_values else None
+        shape = (len(pixel_values), *first.shape) if first is not None else getattr(pixel_values, "shape", ())
+        sample = first if first is not None else pixel_values
+        if not isinstance(sample, torch.Tensor) or len(shape) != 4 or not sample.is_floating_point():
+            described = f"{sample.dtype} tensor of shape {tuple(shape)}" if isinstance(sample, torch.Tensor) else type(sample).__name__
+            raise TypeError(f"`pixel_values` must be a float tensor of shape (B, C, H, W) (or B (C, H, W) tensors), got {described}.")
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise TypeError(
                 "`generator` must be a CPU torch.Generator (the mixer draws a few numbers per batch on the host, so "
                 "that box coordinates need no device sync), e.g. mixing_generator(seed, step)."
             )
-        image_size = tuple(pixel_values.shape[-2:])
+        image_size = tuple(shape[-2:])
         self.check_image_size(image_size, "image size")
-        batch_size = pixel_values.shape[0]
+        batch_size = shape[0]
         if batch_size < 2 and self.settings.mixing_method != "none":
             logger.warning_once(
                 "A batch of one image is returned unmixed: mixing needs at least two images (raise the batch size, "
                 "or set dataloader_drop_last=True if only the last batch of an epoch is short)."
             )
         if self.settings.mixing_method == "none" or batch_size < 2:
-            mix_index, token_weights, mix_lam = self._unmixed(batch_size, image_size)
+            pixels, mix_index, token_weights, mix_lam = (_stack(pixel_values), *self._unmixed(batch_size, image_size))
         elif self.settings.mix_mode == "batch":
-            mix_index, token_weights, mix_lam = self._mix_batch(pixel_values, image_size, generator)
+            pixels, mix_index, token_weights, mix_lam = self._mix_batch(pixel_values, image_size, generator)
         else:
-            mix_index, token_weights, mix_lam = self._mix_per_element(pixel_values, image_size, generator)
-        device = pixel_values.device
+            pixels, mix_index, token_weights, mix_lam = self._mix_per_element(pixel_values, image_size, generator)
+        device = pixels.device
         return {
-            "pixel_values": pixel_values,
+            "pixel_values": pixels,
             "mix_index": _to_device(mix_index, device),
             "token_weights": _to_device(token_weights.float().contiguous(), device),
             "mix_lam": _to_device(mix_lam.float().contiguous(), device),
@@ -394,32 +398,30 @@ class TLAlignMixer:
 
     # ---- mixing (on the batch's device) --------------------------------------------------------------------------
 
-    def _mix_batch(self, pixel_values: torch.Tensor, image_size: tuple[int, int], generator: torch.Generator):
-        """`batch` mode: one draw for the whole batch."""
-        batch_size, num_tokens = pixel_values.shape[0], self.num_tokens(image_size)
+    def _mix_batch(self, images, image_size: tuple[int, int], generator: torch.Generator):
+        """`batch` mode: one draw for the whole batch. Returns the mixed (B, C, H, W) and the three contract tensors."""
+        batch_size, num_tokens = len(images), self.num_tokens(image_size)
         if not torch.rand((), generator=generator) < self.settings.mix_prob:
-            return self._unmixed(batch_size, image_size)
+            return (_stack(images), *self._unmixed(batch_size, image_size))
         use_cut = self._draw_use_cut(1, generator)
         lam = self._draw_lam(use_cut, generator)
         mix_index = self._draw_pairing(batch_size, generator)
-        device_index = _to_device(mix_index, pixel_values.device)
         if use_cut.item():
             cut = self._draw_cut(lam, image_size, generator)
             if cut.boxes is not None:
-                paste_box_(pixel_values, device_index, cut.boxes[0].tolist())
+                pixels = paste_box(images, mix_index, cut.boxes[0].tolist())
             else:
-                partner_share = token_mask_to_pixels(cut.token_mask, image_size, self.patch_size)
-                blend_(pixel_values, device_index, _to_device(partner_share[:, None].float(), pixel_values.device))
+                pixels = mix_images(images, mix_index, token_mask_to_pixels(cut.token_mask, image_size, self.patch_size)[0].float())
             token_weights, mix_lam = cut.token_weights.expand(batch_size, -1), cut.mix_lam.expand(batch_size)
         else:
             lam = lam.float()
-            blend_(pixel_values, device_index, 1.0 - lam.item())
+            pixels = mix_images(images, mix_index, 1.0 - lam.item())
             token_weights, mix_lam = lam.expand(batch_size, num_tokens), lam.expand(batch_size)
-        return self._finish(mix_index, token_weights, mix_lam, mix_index != torch.arange(batch_size))
+        return (pixels, *self._finish(mix_index, token_weights, mix_lam, mix_index != torch.arange(batch_size)))
 
-    def _mix_per_element(self, pixel_values: torch.Tensor, image_size: tuple[int, int], generator: torch.Generator):
+    def _mix_per_element(self, images, image_size: tuple[int, int], generator: torch.Generator):
         """`pair` / `elem` modes: one draw per sample (copied to both members of a pair in `pair` mode)."""
-        batch_size = pixel_values.shape[0]
+        batch_size = len(images)
         apply = torch.rand(batch_size, generator=generator) < self.settings.mix_prob
         use_cut = self._draw_use_cut(batch_size, generator)
         lam = self._draw_lam(use_cut, generator)
@@ -431,12 +433,10 @@ class TLAlignMixer:
             cut = None if cut is None else cut.select(leaders)
         mixed = apply & (mix_index != torch.arange(batch_size))
         lam = lam.float()
-        device_index = _to_device(mix_index, pixel_values.device)
         if cut is None:
-            partner_share = torch.where(mixed, 1.0 - lam, 0.0)[:, None, None, None]
-            blend_(pixel_values, device_index, _to_device(partner_share, pixel_values.device))
+            pixels = mix_images(images, mix_index, torch.where(mixed, 1.0 - lam, 0.0))
             token_weights = lam[:, None].expand(batch_size, self.num_tokens(image_size))
-            return self._finish(mix_index, token_weights, lam, mixed)
+            return (pixels, *self._finish(mix_index, token_weights, lam, mixed))
         if cut.boxes is not None:
             cut_pixels = box_pixel_mask(cut.boxes, image_size)
         else:
@@ -444,9 +444,9 @@ class TLAlignMixer:
         partner_share = cut_pixels.float()  # edited in place: one (B, H, W) map
         partner_share[~use_cut] = (1.0 - lam[~use_cut])[:, None, None]
         partner_share[~mixed] = 0.0
-        blend_(pixel_values, device_index, _to_device(partner_share[:, None], pixel_values.device))
+        pixels = mix_images(images, mix_index, partner_share)
         token_weights = torch.where(use_cut[:, None], cut.token_weights, lam[:, None])
-        return self._finish(mix_index, token_weights, torch.where(use_cut, cut.mix_lam, lam), mixed)
+        return (pixels, *self._finish(mix_index, token_weights, torch.where(use_cut, cut.mix_lam, lam), mixed))
 
     @staticmethod
     def _finish(mix_index, token_weights, mix_lam, mixed):

@@ -212,28 +212,49 @@ def token_mask_to_pixels(token_mask: torch.Tensor, image_size: Size2d, patch_siz
     return grid.expand(-1, -1, patch_h, -1, patch_w).reshape(-1, height, width)
 
 
-def paste_box_(pixel_values: torch.Tensor, mix_index: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
-    """Fill one box in every image of `pixel_values` (B, C, H, W) with its partner's pixels, in place; return it.
+def _stack(images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images.clone(memory_format=torch.contiguous_format)
+    return torch.stack(list(images))
 
-    box: 4 ints `(yl, yh, xl, xh)` shared by the batch (timm's `batch` mode). The partners' boxes are gathered
-    before anything is written, so only the box is copied twice. `mix_index` (B,) is on the batch's device.
+
+def paste_box(images: Sequence[torch.Tensor] | torch.Tensor, mix_index: torch.Tensor, box) -> torch.Tensor:
+    """Stack `images` (B tensors (C, H, W), or (B, C, H, W)) and fill one box in every image with its partner's pixels.
+
+    box: 4 ints `(yl, yh, xl, xh)` shared by the batch (timm's `batch` mode). The partners' pixels are read from
+    `images`, which are never modified, and written straight into the stacked batch: only the box is copied twice.
+    `mix_index` (B,) is a CPU tensor. Returns (B, C, H, W), on the images' device.
     """
+    mixed = _stack(images)
     top, bottom, left, right = (int(value) for value in box)
     if bottom > top and right > left:
-        pixel_values[..., top:bottom, left:right] = pixel_values[mix_index, :, top:bottom, left:right]
-    return pixel_values
+        partner_boxes = [images[j][..., top:bottom, left:right] for j in mix_index.tolist()]
+        torch.stack(partner_boxes, out=mixed[..., top:bottom, left:right])
+    return mixed
 
 
-def blend_(pixel_values: torch.Tensor, mix_index: torch.Tensor, partner_share: float | torch.Tensor) -> torch.Tensor:
-    """Blend each image of `pixel_values` (B, C, H, W) with its partner, in place: `x_i + share * (x_j - x_i)`.
+def mix_images(
+    images: Sequence[torch.Tensor] | torch.Tensor, mix_index: torch.Tensor, partner_share: float | torch.Tensor
+) -> torch.Tensor:
+    """Stack `images` and blend each with its partner: `x_i + share * (x_j - x_i)`, `j = mix_index[i]`.
 
-    partner_share: the partner's share of each pixel, in [0, 1]: a float (the whole batch) or a tensor that
-    broadcasts to (B, C, H, W), e.g. (B, 1, 1, 1) (one per sample), (1, 1, H, W) (one map for the batch) or
-    (B, 1, H, W) (one map per sample), on the batch's device. A share of exactly 0 or 1 copies the own or the
-    partner's pixel exactly (`torch.lerp` is exact at both ends). The partners are gathered into one batch-sized
-    tensor first, so that no image is read after it was blended. Returns `pixel_values`.
+    partner_share: the partner's share of each pixel, in [0, 1]: a float (the whole batch), (B,) (one per sample),
+    (H, W) (one map for the batch) or (B, H, W) (one map per sample). A share of exactly 0 or 1 copies the own or
+    the partner's pixel exactly (`torch.lerp` is exact at both ends). `images` (B tensors (C, H, W), or
+    (B, C, H, W)) are never modified; `mix_index` (B,) and `partner_share` are CPU tensors. The blend runs in place
+    on the stacked batch, one fused pass per sample reading both originals: no second batch-sized tensor.
+    Returns (B, C, H, W), on the images' device.
     """
-    partners = pixel_values[mix_index]
-    if isinstance(partner_share, torch.Tensor):
-        partner_share = partner_share.to(pixel_values.dtype)
-    return pixel_values.lerp_(partners, partner_share)
+    mixed = _stack(images)
+    rows = list(mixed.unbind(0))
+    partners = [images[j] for j in mix_index.tolist()]
+    if not isinstance(partner_share, torch.Tensor):
+        torch._foreach_lerp_(rows, partners, float(partner_share))
+    elif partner_share.ndim == 1:
+        torch._foreach_lerp_(rows, partners, partner_share.tolist())
+    else:
+        share = partner_share.to(mixed.device, mixed.dtype, non_blocking=True)
+        share = share.expand(mixed.shape[0], *partner_share.shape[-2:])
+        weights = list(share.unsqueeze(1).expand_as(mixed).unbind(0))
+        torch._foreach_lerp_(rows, partners, weights)
+    return mixed
