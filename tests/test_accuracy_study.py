@@ -86,6 +86,8 @@ def test_study_defaults_and_quick_mode_stays_out_of_docs():
     settings, _, seeds, arms, output_dir, runs_dir = study.study_plan(parser, parser.parse_args([]))
     assert settings == study.StudySettings() and settings.attn_implementation == "eager"
     assert len(seeds) >= 10 and arms == list(study.ARMS)
+    _, _, tuning_seeds, _, _, _ = study.study_plan(parser, parser.parse_args(["--tune", "t", "--seeds", "10"]))
+    assert not set(seeds) & set(tuning_seeds)  # the study never reports a run its settings were tuned on
     settings, _, seeds, arms, output_dir, runs_dir = study.study_plan(parser, parser.parse_args(["--quick"]))
     assert output_dir == study.REPO / "outputs" / "accuracy-quick" and runs_dir.is_relative_to(output_dir)
     assert settings.epochs == 2 and settings.train_limit is not None and arms == list(study.ARMS)

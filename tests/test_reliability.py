@@ -300,14 +300,21 @@ def test_nan_images_are_refused_by_the_collator():
         collator([{"pixel_values": image, "label": 0} for image in images])
 
 
-def test_a_non_finite_training_loss_stops_the_run_at_the_next_log(tmp_path):
+@pytest.mark.parametrize(
+    "logging", [dict(logging_steps=1), dict(logging_steps=10), dict(logging_strategy="no")],
+    ids=["every_step", "after_the_last_log", "no_logging"],
+)  # fmt: skip
+def test_a_non_finite_training_loss_stops_the_run_at_the_next_log(tmp_path, logging):
+    # without a log after the bad step, the final log (train_loss) must still catch it
     trainer = TLAlignTrainer(
-        model=tiny_model(ViTForImageClassification), args=make_args(tmp_path, learning_rate=1e30, max_steps=5),
+        model=tiny_model(ViTForImageClassification),
+        args=make_args(tmp_path, learning_rate=1e30, max_steps=5, **logging),
         train_dataset=image_dataset(),
     )  # the first step overflows the weights, so the losses that follow are not finite
     with pytest.raises(RuntimeError, match="training loss was NaN or infinite .*logging_nan_inf_filter"):
         trainer.train()
-    assert trainer.state.global_step < 5
+    if logging.get("logging_steps") == 1:
+        assert trainer.state.global_step < 5  # stopped at the first log after the bad step
 
 
 # ----------------------------------------------------------------------------------------------- settings
