@@ -56,6 +56,9 @@ from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTF
 
 import tl_align_hf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_overhead import make_batch  # noqa: E402  (the same batch as the CPU benchmark)
+
 SCRIPT = "scripts/bench_gpu.py"
 LABEL_SMOOTHING = 0.1
 GIB = 2**30
@@ -201,21 +204,9 @@ BASELINE, CANDIDATE = "plain-sdpa", "tl-align-value-channel"
 
 
 def make_mixed_batch(spec: ModelSpec, batch_size: int, device: torch.device, seed: int = 0) -> dict:
-    """A token-grid CutMix batch (the batch contract): half of each image's patches come from its partner."""
-    generator = torch.Generator().manual_seed(seed)
-    image_size, num_labels = spec.config_values["image_size"], spec.config_values["num_labels"]
-    grid = image_size // spec.config_values["patch_size"]
-    token_weights = torch.ones(batch_size, grid, grid)
-    token_weights[:, grid // 4 : grid // 4 + grid // 2, : grid // 2 + 2] = 0.0
-    token_weights = token_weights.flatten(1)
-    tensors = dict(
-        pixel_values=torch.randn(batch_size, 3, image_size, image_size, generator=generator),
-        labels=torch.randint(0, num_labels, (batch_size,), generator=generator),
-        mix_index=torch.randperm(batch_size, generator=generator),
-        token_weights=token_weights,
-        mix_lam=token_weights.mean(1),
-    )
-    return {key: value.to(device) for key, value in tensors.items()}
+    """A token-grid CutMix batch (the batch contract) for `spec`: half of each image's patches come from its partner."""
+    values = spec.config_values
+    return make_batch(batch_size, values["image_size"], values["patch_size"], device, seed, values["num_labels"])
 
 
 # ------------------------------------------------------------------------------------------------- measurement

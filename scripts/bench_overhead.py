@@ -61,8 +61,10 @@ def make_model(name: str, image_size: int, device: torch.device):
     return aligned_class(config).to(device).train()
 
 
-def make_batch(batch_size: int, image_size: int, patch_size: int, device: torch.device, seed: int = 0) -> dict:
-    """A token-grid CutMix batch: half of the patches of each image come from its partner."""
+def make_batch(
+    batch_size: int, image_size: int, patch_size: int, device: torch.device, seed: int = 0, num_labels: int = NUM_CLASSES
+) -> dict:
+    """A token-grid CutMix batch (the batch contract): half of the patches of each image come from its partner."""
     generator = torch.Generator().manual_seed(seed)
     grid = image_size // patch_size
     token_weights = torch.ones(batch_size, grid, grid)
@@ -70,7 +72,7 @@ def make_batch(batch_size: int, image_size: int, patch_size: int, device: torch.
     token_weights = token_weights.flatten(1)
     batch = dict(
         pixel_values=torch.randn(batch_size, 3, image_size, image_size, generator=generator),
-        labels=torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator),
+        labels=torch.randint(0, num_labels, (batch_size,), generator=generator),
         mix_index=torch.randperm(batch_size, generator=generator),
         token_weights=token_weights,
         mix_lam=token_weights.mean(1),
