@@ -387,7 +387,7 @@ def seeds_needed(variance: float, difference: float, power: float = 0.8, alpha: 
     """Seeds for a two-sided test at `alpha` to detect `difference` with `power` (normal approximation), where
     `variance` is that of the difference estimate times the number of seeds: `std_a**2 + std_b**2` for two
     independent groups, `std(a - b)**2` for seed-paired runs."""
-    if difference == 0:
+    if abs(difference) < 1e-9:  # no effect (a mean of equal accuracies can be 1e-17 from float rounding)
         return math.inf
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
     return math.ceil(z**2 * variance / difference**2)

@@ -36,6 +36,7 @@ def test_seeds_needed_grows_with_spread():
     assert study.seeds_needed(2 * 0.01**2, 0.01) == 16  # 2 * (1.96 + 0.84)^2 = 15.7
     assert study.seeds_needed(2 * 0.02**2, 0.01) == 63
     assert study.seeds_needed(2 * 0.01**2, 0.0) == math.inf
+    assert study.seeds_needed(2 * 0.01**2, -1.4e-17) == math.inf  # rounding of a zero mean difference
 
 
 def runs_of(arm: str, accuracies: list[float]) -> list[dict]:
