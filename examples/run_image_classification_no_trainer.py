@@ -325,15 +325,19 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(optimizer_grouped_parameters, lr=args.learning_rate)
 
     # Scheduler and math around the number of training steps.
+    overrode_max_train_steps = False
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
-    num_warmup_steps = args.num_warmup_steps or math.ceil(args.warmup_ratio * args.max_train_steps)
+        overrode_max_train_steps = True
+    # The prepared scheduler steps once per process at each optimizer step. Before sharding, the loader's length
+    # already counts the batches of all processes, so the epoch-derived step count needs no factor.
+    scheduler_steps = args.max_train_steps if overrode_max_train_steps else args.max_train_steps * accelerator.num_processes
     lr_scheduler = get_scheduler(
         name=args.lr_scheduler_type,
         optimizer=optimizer,
-        num_warmup_steps=num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes or math.ceil(args.warmup_ratio * scheduler_steps),
+        num_training_steps=scheduler_steps,
     )
 
     # What the weights are trained with, saved with every checkpoint: a resume with other settings is refused.
@@ -347,6 +351,8 @@ def main(argv=None):
 
     # We need to recalculate our total training steps as the size of the training dataloader may have changed.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if overrode_max_train_steps:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     checkpointing_steps = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
 

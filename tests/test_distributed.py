@@ -214,7 +214,9 @@ def test_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path):
 
 def test_no_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path):
     output_dir = tmp_path / "out"
-    options = {"--max_train_steps": "4", "--checkpointing_steps": "2"}
+    # One epoch of 32 images in batches of 4 on each of 2 processes: 4 steps (8 if the epoch were counted before
+    # the loader is sharded)
+    options = {"--num_train_epochs": "1", "--checkpointing_steps": "2"}
     argv = run_arguments(digits, tiny_checkpoint, output_dir, options) + ["--cpu"]
     script = tmp_path / "no_trainer_run.py"
     script.write_text(NO_TRAINER_RUN.format(examples=str(EXAMPLES), record=RECORD_ALIGNMENT_SUMS))
