@@ -27,7 +27,6 @@ import torch
 from transformers.utils import logging
 
 from .mixing import (
-    _stack,
     box_pixel_mask,
     box_token_weights,
     cutmix_bbox_and_lam,
@@ -39,6 +38,7 @@ from .mixing import (
     paste_box,
     random_token_mask,
     sample_lam,
+    stack_images,
     token_grid_bbox,
     token_mask_to_pixels,
 )
@@ -338,7 +338,7 @@ class TLAlignMixer:
                 "or set dataloader_drop_last=True if only the last batch of an epoch is short)."
             )
         if self.settings.mixing_method == "none" or batch_size < 2:
-            pixels, mix_index, token_weights, mix_lam = (_stack(pixel_values), *self._unmixed(batch_size, image_size))
+            pixels, mix_index, token_weights, mix_lam = (stack_images(pixel_values), *self._unmixed(batch_size, image_size))
         elif self.settings.mix_mode == "batch":
             pixels, mix_index, token_weights, mix_lam = self._mix_batch(pixel_values, image_size, generator)
         else:
@@ -402,7 +402,7 @@ class TLAlignMixer:
         """`batch` mode: one draw for the whole batch. Returns the mixed (B, C, H, W) and the three contract tensors."""
         batch_size, num_tokens = len(images), self.num_tokens(image_size)
         if not torch.rand((), generator=generator) < self.settings.mix_prob:
-            return (_stack(images), *self._unmixed(batch_size, image_size))
+            return (stack_images(images), *self._unmixed(batch_size, image_size))
         use_cut = self._draw_use_cut(1, generator)
         lam = self._draw_lam(use_cut, generator)
         mix_index = self._draw_pairing(batch_size, generator)

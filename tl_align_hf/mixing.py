@@ -212,7 +212,9 @@ def token_mask_to_pixels(token_mask: torch.Tensor, image_size: Size2d, patch_siz
     return grid.expand(-1, -1, patch_h, -1, patch_w).reshape(-1, height, width)
 
 
-def _stack(images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+def stack_images(images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """A new (B, C, H, W) batch of `images` (B tensors (C, H, W), or a (B, C, H, W) tensor, copied): the input is
+    never modified."""
     if isinstance(images, torch.Tensor):
         return images.clone(memory_format=torch.contiguous_format)
     return torch.stack(list(images))
@@ -225,7 +227,7 @@ def paste_box(images: Sequence[torch.Tensor] | torch.Tensor, mix_index: torch.Te
     `images`, which are never modified, and written straight into the stacked batch: only the box is copied twice.
     `mix_index` (B,) is a CPU tensor. Returns (B, C, H, W), on the images' device.
     """
-    mixed = _stack(images)
+    mixed = stack_images(images)
     top, bottom, left, right = (int(value) for value in box)
     if bottom > top and right > left:
         partner_boxes = [images[j][..., top:bottom, left:right] for j in mix_index.tolist()]
@@ -245,7 +247,7 @@ def mix_images(
     on the stacked batch, one fused pass per sample reading both originals: no second batch-sized tensor.
     Returns (B, C, H, W), on the images' device.
     """
-    mixed = _stack(images)
+    mixed = stack_images(images)
     rows = list(mixed.unbind(0))
     partners = [images[j] for j in mix_index.tolist()]
     if not isinstance(partner_share, torch.Tensor):
