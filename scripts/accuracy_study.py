@@ -20,8 +20,8 @@ its 95% t-interval, wins / losses / ties, a two-sided sign test, the paired t-te
 would need at the observed effect.
 
 Data: scikit-learn's digits (1,797 real 8x8 scans, 10 classes), a fixed stratified split (`TEST_SIZE`,
-`SPLIT_SEED`: 1,347 train / 450 test), upsampled bicubic to 32 px so that the 4 px patches form an 8x8 grid. Each
-run evaluates on the test split after every epoch; the test set is only watched, never used to pick an epoch: the
+`SPLIT_SEED`: 1,347 train / 450 test), upsampled bicubic to `StudySettings.image_size` px (16: the 4 px patches
+form a 4x4 grid). Each run evaluates on the test split after every epoch; the test set is only watched, never used to pick an epoch: the
 reported accuracy is the final epoch's.
 
     python scripts/accuracy_study.py --tune NAME --set learning_rate=5e-4 epochs=100   # tune (plain arms only)
@@ -66,8 +66,6 @@ from tl_align_hf.data import default_image_processor, make_transforms
 REPO = Path(__file__).resolve().parents[1]
 TEST_SIZE = 0.25  # fixed stratified split: 1,347 train / 450 test images
 SPLIT_SEED = 0
-IMAGE_SIZE = 32  # 8 px digits upsampled 4x; with PATCH_SIZE 4 the ViT sees an 8x8 grid of patches
-PATCH_SIZE = 4
 TRAIN_IMAGES, TEST_IMAGES = 1347, 450  # sizes of the split
 
 # arm -> (mixing_method, tl_align)
@@ -104,15 +102,16 @@ class StudySettings:
 
     Tune them with `--tune NAME --set field=value ...` on the plain arms only (never on the TL-Align arms), then
     write the chosen values here. Frozen on 2026-12-02 from the tuning runs listed in docs/accuracy.md (seed 0,
-    plain arms): the example's model (hidden 64, MLP 128) and 40 epochs, with batch 32 instead of 64, where plain
-    CutMix came closest to no mixing.
+    plain arms): the example's model (hidden 64, MLP 128), batch 32, on 16 px images (a 4x4 grid of 4 px
+    patches, 4x fewer tokens than 32 px), which paid for a 100-epoch schedule, the first in which plain CutMix
+    matched no mixing.
     """
 
     hidden_size: int = 64
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 128
-    epochs: int = 40
+    epochs: int = 100
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_ratio: float = 0.1  # of all steps, linear warm-up, then cosine decay
@@ -123,26 +122,37 @@ class StudySettings:
     cutmix_alpha: float = 1.0  # cutmix and token_cutmix arms
     mixup_alpha: float = 0.8  # mixup arms
     attn_implementation: str = "eager"  # the same backend for every arm (the aligned arms reuse its probabilities)
+    image_size: int = 16  # the 8 px digits upsampled bicubic to this size
+    patch_size: int = 4  # the ViT sees an (image_size / patch_size)^2 grid of patches
+    mix_prob: float = 1.0  # probability that a batch of a mixing arm is mixed
     train_limit: int | None = None  # the first n training images (smoke tests only)
     test_limit: int | None = None  # the first n test images (smoke tests only)
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a whole number >= 1 (one test evaluation per epoch), got {self.epochs!r}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}): "
+                "the patches tile the image."
+            )
 
 
 QUICK = StudySettings(epochs=2, train_limit=384)
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def digit_image(pixels: np.ndarray) -> Image.Image:
-    """(8, 8) floats in 0..16 -> a greyscale PIL image of IMAGE_SIZE px, bicubic (as tl_align_hf.digits)."""
+def digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
+    """(8, 8) floats in 0..16 -> a greyscale PIL image of `image_size` px, bicubic (as tl_align_hf.digits)."""
     grey = np.rint(pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(grey).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    return Image.fromarray(grey).resize((image_size, image_size), Image.Resampling.BICUBIC)
 
 
-def digits_splits(train_limit: int | None = None, test_limit: int | None = None) -> tuple[Dataset, Dataset]:
-    """(train, test) `datasets.Dataset`s with `image` (PIL) and `label` (ClassLabel 0-9): the fixed split."""
+def digits_splits(
+    image_size: int, train_limit: int | None = None, test_limit: int | None = None
+) -> tuple[Dataset, Dataset]:
+    """(train, test) `datasets.Dataset`s with `image` (PIL, `image_size` px) and `label` (ClassLabel 0-9): the
+    fixed split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -155,7 +165,7 @@ def digits_splits(train_limit: int | None = None, test_limit: int | None = None)
 
     def split(split_idx: np.ndarray, limit: int | None) -> Dataset:
         rows = sorted(split_idx.tolist())
-        images = [digit_image(digits.images[i]) for i in rows]
+        images = [digit_image(digits.images[i], image_size) for i in rows]
         dataset = Dataset.from_dict({"image": images, "label": digits.target[rows].tolist()}, features=features)
         if limit is not None:
             dataset = dataset.shuffle(seed=SPLIT_SEED).select(range(min(limit, len(dataset))))
@@ -166,11 +176,11 @@ def digits_splits(train_limit: int | None = None, test_limit: int | None = None)
 
 # ---------------------------------------------------------------------------------------------------------- runs
 def make_model(settings: StudySettings, seed: int) -> ViTForImageClassification:
-    """A ViT from scratch for 32 px digits with `settings.attn_implementation` attention, initialised from `seed`."""
+    """A ViT from scratch for the digits with `settings.attn_implementation` attention, initialised from `seed`."""
     transformers.set_seed(seed)
     config = ViTConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
         hidden_size=settings.hidden_size,
         num_hidden_layers=settings.num_layers,
         num_attention_heads=settings.num_heads,
@@ -200,6 +210,7 @@ def make_config(arm: str, seed: int, settings: StudySettings, output_dir: str) -
         tl_align=tl_align,
         mixup_alpha=settings.mixup_alpha if mixing_method == "mixup" else 0.0,  # > 0 would switch CutMix with Mixup
         cutmix_alpha=settings.cutmix_alpha,
+        mix_prob=settings.mix_prob,
         label_smoothing=settings.label_smoothing,
         seed=seed,
         eval_strategy="epoch",  # watched only: the reported accuracy is the final epoch's
@@ -216,7 +227,7 @@ def make_config(arm: str, seed: int, settings: StudySettings, output_dir: str) -
 def make_trainer(arm: str, seed: int, settings: StudySettings, train: Dataset, test: Dataset, work_dir: str):
     """The TLAlignTrainer of one run, with the library's transforms (no flip: a mirrored digit is another digit)."""
     train_transform, eval_transform = make_transforms(
-        default_image_processor(IMAGE_SIZE), horizontal_flip=False, scale=(settings.crop_scale_min, 1.0), seed=seed
+        default_image_processor(settings.image_size), horizontal_flip=False, scale=(settings.crop_scale_min, 1.0), seed=seed
     )
     trainer = TLAlignTrainer(
         model=make_model(settings, seed),
@@ -345,7 +356,7 @@ def train_missing(plan: list, settings: StudySettings, runs_dir: Path, process: 
     todo = [(arm, seed) for arm, seed in plan if load_run(runs_dir, arm, seed, settings, replace_stale) is None]
     if not todo:
         return
-    train, test = digits_splits(settings.train_limit, settings.test_limit)
+    train, test = digits_splits(settings.image_size, settings.train_limit, settings.test_limit)
     with tempfile.TemporaryDirectory() as work_dir:
         for arm, seed in todo:
             result = {**train_and_test(arm, seed, settings, train, test, work_dir), "process": process}
@@ -651,7 +662,7 @@ def study_report(payload: dict, commands: dict, figure: Path, doc: Path) -> str:
         f"any run still missing):\n\n    {commands['workers']}\n    {commands['aggregate']}",
         timing_text(payload["timing"]) + f" Aggregated {time.strftime('%Y-%m-%d')}.",
         f"Settings (all arms): {settings_text(settings)}; split: {TEST_SIZE:.0%} stratified test split, seed "
-        f"{SPLIT_SEED}; images {IMAGE_SIZE} px, patch {PATCH_SIZE}; eager attention for every arm.",
+        f"{SPLIT_SEED}; images {settings.image_size} px, patch {settings.patch_size}; eager attention for every arm.",
     ]
     return "\n\n".join(part for part in parts if part)
 
@@ -917,7 +928,8 @@ def aggregate(runs: list[dict], settings: StudySettings, seeds: list[int]) -> di
     return {
         "settings": asdict(settings),
         "split": {
-            "test_size": TEST_SIZE, "seed": SPLIT_SEED, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+            "test_size": TEST_SIZE, "seed": SPLIT_SEED, "image_size": settings.image_size,
+            "patch_size": settings.patch_size,
             "test_images": test_images,
         },  # fmt: skip
         "seeds": seeds,

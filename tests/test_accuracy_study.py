@@ -75,11 +75,17 @@ def test_verdict_says_what_the_interval_rules_out():
 
 
 def test_fixed_split_is_stratified():
-    train, test = study.digits_splits()
+    settings = study.StudySettings()
+    train, test = study.digits_splits(settings.image_size)
     assert (len(train), len(test)) == (study.TRAIN_IMAGES, study.TEST_IMAGES) == (1347, 450)
     assert sorted(set(test["label"])) == list(range(10))
-    assert train[0]["image"].size == (study.IMAGE_SIZE, study.IMAGE_SIZE)
-    assert study.IMAGE_SIZE // study.PATCH_SIZE >= 8
+    assert train[0]["image"].size == (settings.image_size, settings.image_size)
+    assert settings.image_size // settings.patch_size >= 4  # a patch grid that a box can cut
+
+
+def test_patches_must_tile_the_image():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        study.StudySettings(image_size=30, patch_size=4)
 
 
 def test_study_defaults_and_quick_mode_stays_out_of_docs():
@@ -126,7 +132,7 @@ def test_mixup_pair_first_step_logits_are_bit_identical():
     """Eager attention everywhere: the aligned arm's share computation reuses the very probabilities the plain arm
     computes, so at the same seed both arms see the same batch and produce the same logits, bit for bit."""
     settings = replace(study.StudySettings(), train_limit=64, test_limit=16)
-    train, test = study.digits_splits(settings.train_limit, settings.test_limit)
+    train, test = study.digits_splits(settings.image_size, settings.train_limit, settings.test_limit)
     with tempfile.TemporaryDirectory() as work_dir:
         plain_batch, plain = study.first_step_outputs("mixup", 0, settings, train, test, work_dir)
         aligned_batch, aligned = study.first_step_outputs("mixup+tl", 0, settings, train, test, work_dir)

@@ -317,6 +317,19 @@ def test_train_transform_leaves_the_global_generator_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_train_transform_leaves_accelerator_generators_alone(monkeypatch):
+    """The per-example seed goes to the CPU generator only: reseeding the CUDA generators per example would
+    change (and, with fork_rng(devices=[]), not restore) the training's GPU random stream (dropout, drop path)."""
+
+    def reseeds_a_device(seed):
+        raise AssertionError(f"an accelerator generator was reseeded with {seed}")
+
+    train, _ = make_transforms(default_image_processor(10), "img", "y")
+    reference = _pixels(train, _noise_images(2))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeds_a_device)
+    assert torch.equal(_pixels(train, _noise_images(2)), reference)
+
+
 def test_set_train_epoch_reaches_the_attached_transform():
     dataset = _tiny_dataset()
     train, evaluation = make_transforms(default_image_processor(4), "img", "y")

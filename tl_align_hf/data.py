@@ -379,10 +379,13 @@ class TrainTransform:
 @contextlib.contextmanager
 def _seeded_global_generators(seed: int):
     """Seed torch's, Python's and NumPy's global generators (torchvision draws from the first, timm's RandAugment
-    and random erasing from the other two), and restore their states afterwards."""
+    and random erasing from the other two), and restore their states afterwards. Only torch's CPU generator: the
+    transforms draw on the CPU, and `torch.manual_seed` would also reseed every accelerator's generator (which
+    `fork_rng(devices=[])` does not restore) and, on a CUDA build without a GPU, queue a lazy call with a
+    formatted stack trace per example."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
