@@ -30,8 +30,9 @@ reported accuracy is the final epoch's.
     python scripts/accuracy_study.py --quick           # a smoke test (< 3 min), writes outputs/accuracy-quick/
 
 The study's settings are the defaults of `StudySettings` (the one place to change them, once tuning has frozen
-them). Each finished run is saved at once (one JSON per arm and seed) and skipped when found again with the same
-settings, so an interrupted study or tuning run resumes where it stopped.
+them). Each finished run is saved at once (one JSON per arm and seed, under docs/data/accuracy_study_runs and
+docs/data/accuracy_tuning/NAME, which the repository keeps, so the aggregation reruns from a clone) and skipped when
+found again with the same settings, so an interrupted study or tuning run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -812,7 +813,7 @@ def tuning_report(configurations: list[dict]) -> str:
             tuning_table(configurations),
             f"Total: {sum(len(c['runs']) for c in configurations)} runs, {total_h:.2f} h summed. A configuration: "
             "`python scripts/accuracy_study.py --tune NAME --set field=value ...` (writes "
-            "outputs/accuracy-tuning/NAME/, one JSON per run; resumable).",
+            "docs/data/accuracy_tuning/NAME/, one JSON per run; resumable).",
         ]
     )
 
@@ -836,14 +837,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--methods", nargs="+", choices=list(ARMS), help="Subset of arms.")
     parser.add_argument("--output-dir", type=Path, help="Where accuracy.md, accuracy_study.json, img/ go.")
-    parser.add_argument("--tuning-dir", type=Path, default=REPO / "outputs" / "accuracy-tuning")
+    parser.add_argument("--tuning-dir", type=Path, default=REPO / "docs" / "data" / "accuracy_tuning")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch CPU threads. 1 by default: on a shared 2-core machine, 2 threads oversubscribe and run 2-4x slower.",
     )  # fmt: skip
     parser.add_argument(
         "--runs-dir", type=Path,
-        help="Where each finished run is saved (default: outputs/accuracy-study-runs for docs/, else OUTPUT_DIR/runs).",
+        help="Where each finished run is saved (default: docs/data/accuracy_study_runs for docs/, else OUTPUT_DIR/runs).",
     )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="Split the runs over this many processes ...")
     parser.add_argument("--worker", type=int, default=0, help="... of which this is number 0, 1, ... (no aggregation).")
@@ -900,7 +901,7 @@ def study_plan(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.tune:
         runs_dir = args.tuning_dir / args.tune
     else:
-        default_runs = REPO / "outputs" / "accuracy-study-runs" if output_dir == REPO / "docs" else output_dir / "runs"
+        default_runs = REPO / "docs" / "data" / "accuracy_study_runs" if output_dir == REPO / "docs" else output_dir / "runs"
         runs_dir = args.runs_dir or default_runs
     return settings, overrides, seeds, arms, output_dir, runs_dir
 
