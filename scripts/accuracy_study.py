@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -266,6 +267,18 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else `platform.processor()`): a study resumed on another machine
+    shows which runs ran where (float rounding, hence training noise, can differ between CPU types)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def train_and_test(arm: str, seed: int, settings: StudySettings, train: Dataset, test: Dataset, work_dir: str) -> dict:
     """Train one run; return its final-epoch test accuracy, per-epoch curves and timings."""
     started, start = utc_now(), time.perf_counter()
@@ -290,6 +303,7 @@ def train_and_test(arm: str, seed: int, settings: StudySettings, train: Dataset,
         "wall_s": round(time.perf_counter() - start, 1),
         "started": started,
         "finished": utc_now(),
+        "cpu": cpu_model(),
     }
 
 
@@ -488,6 +502,8 @@ def timing(runs: list[dict]) -> dict:
     finishes = [datetime.fromisoformat(r["finished"]) for r in runs if "finished" in r]
     result = {"runs": len(runs), "sum_wall_s": round(sum(r["wall_s"] for r in runs), 1)}
     result["processes"] = sorted({r.get("process", "?") for r in runs})
+    cpus = [r.get("cpu", "not recorded") for r in runs]
+    result["cpus"] = {cpu: cpus.count(cpu) for cpu in sorted(set(cpus))}  # runs per CPU model
     result["mean_wall_s"] = round(result["sum_wall_s"] / len(runs), 1)
     if starts and finishes:
         first, last = min(starts), max(finishes)
@@ -630,6 +646,8 @@ def timing_text(time_info: dict) -> str:
             f"to the last run's finish ({time_info['last_finish']}); trained by process(es) "
             f"{', '.join(time_info['processes'])} (K/N: worker K of N)"
         )
+    if "cpus" in time_info:
+        text += "; runs per CPU model: " + ", ".join(f"{cpu} {n}" for cpu, n in time_info["cpus"].items())
     return text + "."
 
 

@@ -95,6 +95,7 @@ def test_study_defaults_and_quick_mode_stays_out_of_docs():
     assert len(seeds) >= 10 and arms == list(study.ARMS)
     _, _, tuning_seeds, _, _, _ = study.study_plan(parser, parser.parse_args(["--tune", "t", "--seeds", "10"]))
     assert not set(seeds) & set(tuning_seeds)  # the study never reports a run its settings were tuned on
+    assert runs_dir == study.REPO / "docs" / "data" / "accuracy_study_runs"  # kept by the repository, not outputs/
     settings, _, seeds, arms, output_dir, runs_dir = study.study_plan(parser, parser.parse_args(["--quick"]))
     assert output_dir == study.REPO / "outputs" / "accuracy-quick" and runs_dir.is_relative_to(output_dir)
     assert settings.epochs == 2 and settings.train_limit is not None and arms == list(study.ARMS)
@@ -168,6 +169,7 @@ def test_quick_study_writes_json_curves_comparisons_and_figure(tmp_path):
         assert row["wins"] + row["losses"] + row["ties"] == row["n"] == 2
     assert set(saved["alignment"]) == set(study.TL_ARMS)
     assert saved["timing"]["runs"] == 14 and saved["timing"]["span_s"] >= 0
+    assert saved["timing"]["cpus"] == {study.cpu_model(): 14} and all(run["cpu"] for run in saved["runs"])
 
     doc = (tmp_path / "accuracy.md").read_text()
     assert "<!-- accuracy-study:begin -->" in doc and "<!-- accuracy-study:end -->" in doc
