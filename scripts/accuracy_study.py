@@ -494,21 +494,54 @@ def alignment_summary(runs: list[dict]) -> dict[str, dict]:
     return result
 
 
+SITTING_GAP_S = 600  # runs whose starts follow the previous finish by more than this belong to a new sitting
+
+
+def sittings(runs: list[dict]) -> list[dict]:
+    """Merge the runs' [started, finished] intervals into sittings: stretches of training with no pause longer than
+    SITTING_GAP_S. A study resumed in several sessions (or on several machines) has one sitting per session; the sum
+    of their spans, not the span from the first start to the last finish, is the wall time the study took."""
+    intervals = sorted(
+        (datetime.fromisoformat(r["started"]), datetime.fromisoformat(r["finished"]), r.get("cpu", "not recorded"))
+        for r in runs
+        if "started" in r and "finished" in r
+    )
+    result: list[dict] = []
+    for start, finish, cpu in intervals:
+        if result and (start - result[-1]["_finish"]).total_seconds() <= SITTING_GAP_S:
+            current = result[-1]
+            current["_finish"] = max(current["_finish"], finish)
+            current["runs"] += 1
+            current["cpus"].add(cpu)
+        else:
+            result.append({"_start": start, "_finish": finish, "runs": 1, "cpus": {cpu}})
+    return [
+        {
+            "start": item["_start"].isoformat(),
+            "finish": item["_finish"].isoformat(),
+            "span_s": round((item["_finish"] - item["_start"]).total_seconds(), 1),
+            "runs": item["runs"],
+            "cpus": sorted(item["cpus"]),
+        }
+        for item in result
+    ]
+
+
 def timing(runs: list[dict]) -> dict:
-    """Sum of run wall times, and the wall-clock span from the first run's start to the last run's finish."""
+    """Sum of run wall times, run time per CPU model, and the wall time of each sitting (see `sittings`)."""
     if not runs:
         return {"runs": 0}
-    starts = [datetime.fromisoformat(r["started"]) for r in runs if "started" in r]
-    finishes = [datetime.fromisoformat(r["finished"]) for r in runs if "finished" in r]
     result = {"runs": len(runs), "sum_wall_s": round(sum(r["wall_s"] for r in runs), 1)}
     result["processes"] = sorted({r.get("process", "?") for r in runs})
     cpus = [r.get("cpu", "not recorded") for r in runs]
     result["cpus"] = {cpu: cpus.count(cpu) for cpu in sorted(set(cpus))}  # runs per CPU model
+    result["mean_wall_s_per_cpu"] = {
+        cpu: round(float(np.mean([r["wall_s"] for r, c in zip(runs, cpus) if c == cpu])), 1) for cpu in result["cpus"]
+    }
     result["mean_wall_s"] = round(result["sum_wall_s"] / len(runs), 1)
-    if starts and finishes:
-        first, last = min(starts), max(finishes)
-        result.update(first_start=first.isoformat(), last_finish=last.isoformat())
-        result["span_s"] = round((last - first).total_seconds(), 1)
+    result["sittings"] = sittings(runs)
+    if result["sittings"]:
+        result["span_s"] = round(sum(item["span_s"] for item in result["sittings"]), 1)  # wall time of all sittings
     return result
 
 
@@ -641,13 +674,22 @@ def timing_text(time_info: dict) -> str:
         f"({time_info['mean_wall_s']:.0f} s per run, one thread each) on {os.cpu_count()} CPU cores"
     )
     if "span_s" in time_info:
+        parts = [
+            f"{item['start'][:16].replace('T', ' ')} to {item['finish'][11:16]} UTC, {item['runs']} runs, "
+            f"{item['span_s'] / 3600:.2f} h ({', '.join(item['cpus'])})"
+            for item in time_info["sittings"]
+        ]
         text += (
-            f"; wall clock {time_info['span_s'] / 3600:.2f} h from the first run's start ({time_info['first_start']}) "
-            f"to the last run's finish ({time_info['last_finish']}); trained by process(es) "
+            f"; wall clock {time_info['span_s'] / 3600:.2f} h in {len(parts)} sitting(s) "
+            f"(no pause over {SITTING_GAP_S // 60} min within one): {'; '.join(parts)}; trained by process(es) "
             f"{', '.join(time_info['processes'])} (K/N: worker K of N)"
         )
     if "cpus" in time_info:
-        text += "; runs per CPU model: " + ", ".join(f"{cpu} {n}" for cpu, n in time_info["cpus"].items())
+        per_cpu = time_info.get("mean_wall_s_per_cpu", {})
+        text += "; runs per CPU model: " + ", ".join(
+            f"{cpu} {n}" + (f" ({per_cpu[cpu]:.0f} s per run)" if cpu in per_cpu else "")
+            for cpu, n in time_info["cpus"].items()
+        )
     return text + "."
 
 

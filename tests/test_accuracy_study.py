@@ -74,6 +74,24 @@ def test_verdict_says_what_the_interval_rules_out():
     assert "costs here: at least 0.50 and at most 2.00" in study.verdict(comparison(-0.02, -0.005), "TL-Align")
 
 
+def test_timing_splits_a_resumed_study_into_sittings():
+    def run(start, finish, cpu):
+        return {"started": f"2026-12-02T{start}:00+00:00", "finished": f"2026-12-02T{finish}:00+00:00",
+                "wall_s": 60.0, "cpu": cpu, "process": "0/1"}  # fmt: skip
+
+    # Two overlapping runs, a third 5 minutes after them (same sitting), then one 5 hours later on another CPU.
+    runs = [run("10:00", "10:10", "A"), run("10:02", "10:12", "A"), run("10:17", "10:30", "A"), run("15:30", "15:40", "B")]
+    result = study.timing(runs)
+    assert [(item["runs"], item["span_s"], item["cpus"]) for item in result["sittings"]] == [
+        (3, 1800.0, ["A"]),
+        (1, 600.0, ["B"]),
+    ]
+    assert result["span_s"] == 2400.0  # the sittings' wall time, not the 5.7 h from first start to last finish
+    assert result["cpus"] == {"A": 3, "B": 1} and result["mean_wall_s_per_cpu"] == {"A": 60.0, "B": 60.0}
+    text = study.timing_text(result)
+    assert "0.67 h in 2 sitting(s)" in text and "2026-12-02 15:30 to 15:40 UTC, 1 runs, 0.17 h (B)" in text
+
+
 def test_fixed_split_is_stratified():
     settings = study.StudySettings()
     train, test = study.digits_splits(settings.image_size)
