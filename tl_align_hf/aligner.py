@@ -3,7 +3,7 @@
 TL-Align (Xiao et al., "Token-Label Alignment for Vision Transformers", ICCV 2023, arXiv 2210.06455) follows
 each token's label through the attention maps of a vision transformer. Every token label is a convex combination
 of the labels of a sample and its mixing partner, and the per-block update is linear, so one scalar per token, the
-share ``s`` of the sample's own label, carries the whole label (see ALGORITHM.md). This module holds that state:
+share ``s`` of the sample's own label, carries the whole label (see docs/algorithm.md). This module holds that state:
 
     s_0 = [mix_lam (for each prefix token: CLS, distillation, registers), token_weights (patch tokens)]
     s   <- (s + mean_h(P_h) @ s) / 2          once per transformer block

@@ -13,7 +13,7 @@ the block and hands it to the aligner, on one of three paths:
   eager backend.
 - ``"value_channel"``: the shares are appended to the values as extra channels (query, key and value zero-padded
   to a multiple of 8 channels), so the backend's fused kernel computes them and no ``N x N`` matrix is ever
-  materialised (ALGORITHM.md). The default with a fused backend (SDPA, flash...), on the CPU as on accelerators.
+  materialised (docs/algorithm.md). The default with a fused backend (SDPA, flash...), on the CPU as on accelerators.
 - ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
   whenever attention dropout is active, because the shares must not see dropout.
 

@@ -1,5 +1,6 @@
-"""The loss of a mixed batch (ALGORITHM.md, "Read-out and loss"): soft targets, soft-target cross-entropy, and the
-one function that every entry point (the model's forward, `TLAlignTrainer`, the Accelerate example) calls."""
+"""The loss of a mixed batch (docs/algorithm.md, "Target and loss"): the mixed loss without a `(B, C)` target, the
+soft targets and soft-target cross-entropy it equals, and the one function that every entry point (the model's
+forward, `TLAlignTrainer`, the Accelerate example) calls."""
 
 from __future__ import annotations
 
@@ -52,12 +53,30 @@ def mixing_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Soft-target cross-entropy of `(B, C)` ``logits`` against :func:`mixed_soft_targets`."""
+    """Soft-target cross-entropy of `(B, C)` ``logits`` against :func:`mixed_soft_targets`, without building them.
+
+    The target is linear in the two smoothed one-hots, so per sample the loss is
+    ``-(1 - eps) * (own_share * logp[y_i] + (1 - own_share) * logp[y_j]) - eps * mean_c(logp)``, with
+    ``logp = log_softmax(logits)`` in float32 and ``eps = label_smoothing``: one `(B, C)` buffer (the log-probabilities)
+    at any class count, where the target formulation writes, reads and multiplies two more.
+
+    Args:
+        logits: `(B, C)`; labels, mix_index: `(B,)` integer; own_share: `(B,)` in [0, 1] (no gradient flows into it).
+        reduction: ``"mean"`` over the batch or ``"sum"``.
+    """
     if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
     _check_labels(logits, labels, mix_index, own_share)
-    targets = mixed_soft_targets(labels, mix_index, own_share, logits.shape[-1], label_smoothing)
-    return soft_target_cross_entropy(logits, targets, reduction)
+    log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+    own_share = own_share.detach().float()
+    own = log_probabilities.gather(1, labels[:, None]).squeeze(1)
+    partner = log_probabilities.gather(1, labels[mix_index][:, None]).squeeze(1)
+    per_sample = -(1.0 - label_smoothing) * (own_share * own + (1.0 - own_share) * partner)
+    if label_smoothing:
+        per_sample = per_sample - label_smoothing * log_probabilities.mean(dim=-1)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.Tensor, own_share: torch.Tensor) -> None:
