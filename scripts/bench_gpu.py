@@ -25,6 +25,9 @@ variants also run once with only the flash kernel and once with only the memory-
 that the padded head dim keeps them eligible (a refusal is recorded with its message). Goals, with pass/fail:
 TL-Align value-channel within 5% of plain SDPA in step time and within 2% in peak memory, compiled and not.
 
+Also the mixed loss alone at ImageNet-21k width (batch 256, 21841 classes; ``scripts/bench_loss.py``): ``mixing_loss``
+(no ``(B, C)`` target) against two label-smoothed ``F.cross_entropy`` terms and the soft-target formulation.
+
 Peak memory: each variant's weights, optimizer state and the batch, plus the peak of its own step above what was
 allocated when the step began (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), i.e. the
 peak the variant would have alone. The JSON also keeps the raw ``max_memory_allocated``, which includes the other
@@ -57,6 +60,7 @@ from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTF
 import tl_align_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loss import time_variants as time_loss_variants  # noqa: E402  (the loss at any class count)
 from bench_overhead import make_batch  # noqa: E402  (the same batch as the CPU benchmark)
 
 SCRIPT = "scripts/bench_gpu.py"
@@ -655,11 +659,36 @@ def kernel_lines(cases: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def loss_lines(loss_rows: list[dict]) -> list[str]:
+    lines = ["## Mixed loss alone (forward + backward, float32 logits)", "",
+             "| batch | classes | variant | median (ms) | vs two-cross-entropy | abs. difference from soft-target |",
+             "|---|---|---|---|---|---|"]
+    for row in loss_rows:
+        lines.append(
+            f"| {row['batch_size']} | {row['classes']} | {row['variant']} | {row['median_ms']:.3f} | "
+            f"{row['ratio']:.3f} | {row['difference']:.1e} |"
+        )
+    return lines + [""]
+
+
+def measure_loss(args, device: torch.device) -> list[dict]:
+    """The loss variants of scripts/bench_loss.py on this device, one row per (classes, variant)."""
+    rows = []
+    for num_classes in args.loss_classes:
+        results = time_loss_variants(args.loss_batch_size, num_classes, max(args.rounds, 3), args.warmup, device)
+        baseline = results["two-cross-entropy"][0]
+        for variant, (milliseconds, difference) in results.items():
+            rows.append({"batch_size": args.loss_batch_size, "classes": num_classes, "variant": variant,
+                         "median_ms": milliseconds, "ratio": milliseconds / baseline, "difference": difference})
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = header_lines(results) + goal_lines(results["goals"]) + ["## Step time and memory", ""]
     for case in results["cases"]:
         lines += case_lines(case)
     lines += kernel_lines(results["cases"])
+    lines += loss_lines(results["loss"])
     if results["skipped"]:
         lines += ["## Skipped", ""] + [f"- {skip['case']}: {skip['note']}" for skip in results["skipped"]] + [""]
     return "\n".join(lines)
@@ -686,6 +715,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds per case (default 3; tiny: 1)")
     parser.add_argument("--max-minutes", type=float, default=4.5,
                         help="time budget: cases that would not fit are skipped with a note")
+    parser.add_argument("--loss-classes", nargs="*", type=int, default=None,
+                        help="class counts of the loss rows (default 1000 21841; tiny: 100; none: skip)")
+    parser.add_argument("--loss-batch-size", type=int, default=None, help="batch of the loss rows (default 256; tiny: 8)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast on CUDA, float32 on the CPU")
     return parser
@@ -698,6 +730,9 @@ def resolve_defaults(args, parser: argparse.ArgumentParser) -> torch.device:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     args.batch_sizes = args.batch_sizes or ([4] if args.tiny else [128, 256])
+    if args.loss_classes is None:
+        args.loss_classes = [100] if args.tiny else [1000, 21841]
+    args.loss_batch_size = args.loss_batch_size or (8 if args.tiny else 256)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.tiny else 15)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     if args.precision == "auto":
@@ -718,7 +753,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "environment": environment(device, argv, args.precision),
         "settings": {key: value for key, value in vars(args).items()},
-        "cases": cases, "skipped": skipped, "goals": evaluate_goals(cases),
+        "cases": cases, "skipped": skipped, "goals": evaluate_goals(cases), "loss": measure_loss(args, device),
         "wall_s": time.monotonic() - started,
     }
     out_dir = Path(args.out_dir)

@@ -52,6 +52,12 @@ def test_tiny_cpu_run_writes_every_case_and_the_table(tmp_path):
     assert "## Goals" in table and "| result |" in table
     assert "| deit_s-b4-not-compiled | step time |" in table
     assert "| tl-align-value-channel |" in table and "not applicable on cpu" in table
+    assert [(row["classes"], row["variant"]) for row in written["loss"]] == [
+        (100, "two-cross-entropy"), (100, "mixing-loss"), (100, "soft-target")
+    ]
+    for row in written["loss"]:
+        assert row["median_ms"] > 0 and row["difference"] < 1e-5, row
+    assert "## Mixed loss alone" in table and "| 8 | 100 | mixing-loss |" in table
 
 
 def test_tiny_cpu_compiled_case(tmp_path):
