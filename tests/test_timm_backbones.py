@@ -49,6 +49,7 @@ VARIANTS = {
     "rope_reg_gap": ("vit_medium_patch16_rope_reg1_gap_256", dict(VIT)),  # no class token, 1 register, 'avg'
     "rope_axial": ("vit_base_patch16_rope_224", dict(VIT)),  # AttentionRope, class token, 'token'
     "rope_mixed": ("vit_base_patch16_rope_mixed_224", dict(VIT)),  # a RoPE per block
+    "rope_grouped_kv": ("vit_base_patch16_rope_224", dict(VIT, qkv_fused=False, num_kv_heads=2)),  # Sapiens2-style GQA
     "pe_core": ("vit_pe_core_tiny_patch16_384", dict(VIT, attn_pool_num_heads=4)),  # AttentionRope, 'map' pooling
     "beit": ("beit_base_patch16_224", dict(VIT)),  # relative position bias per block, mean of the patch tokens
     "beit_shared_token": ("beit_base_patch16_224", dict(VIT, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, global_pool="token")),
