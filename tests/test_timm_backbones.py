@@ -1,5 +1,5 @@
 """Today's timm backbones through `TimmWrapperForImageClassification`: Eva (EVA-02, DINOv3, RoPE ViTs, Perception
-Encoder), BEiT, Swin and Swin V2.
+Encoder), BEiT, relative-position ViTs, Swin and Swin V2.
 
 The guarantees of the timm ViTs (test_timm_family.py): the aligned target equals an independent full label-vector
 reference (timm's own explicit-softmax probabilities, recorded from the vanilla model; for Swin the labels follow
@@ -28,10 +28,11 @@ EvaAttention, AttentionRope = timm.models.eva.EvaAttention, timm.layers.Attentio
 BeitAttention = timm.models.beit.Attention
 SwinWindowAttention = timm.models.swin_transformer.WindowAttention
 SwinV2WindowAttention = timm.models.swin_transformer_v2.WindowAttention
+RelPosAttention = timm.models.vision_transformer_relpos.RelPosAttention
 AttentionPoolLatent = timm.layers.AttentionPoolLatent
 SwinBlocks = (timm.models.swin_transformer.SwinTransformerBlock, timm.models.swin_transformer_v2.SwinTransformerV2Block)
 PatchMergings = (timm.models.swin_transformer.PatchMerging, timm.models.swin_transformer_v2.PatchMerging)
-ATTENTIONS = (EvaAttention, AttentionRope, BeitAttention, SwinWindowAttention, SwinV2WindowAttention)
+ATTENTIONS = (EvaAttention, AttentionRope, BeitAttention, SwinWindowAttention, SwinV2WindowAttention, RelPosAttention)
 
 PATCH = 4
 VIT = dict(img_size=IMAGE_SIZE, patch_size=PATCH, embed_dim=32, depth=3, num_heads=4)
@@ -53,6 +54,9 @@ VARIANTS = {
     "pe_core": ("vit_pe_core_tiny_patch16_384", dict(VIT, attn_pool_num_heads=4)),  # AttentionRope, 'map' pooling
     "beit": ("beit_base_patch16_224", dict(VIT)),  # relative position bias per block, mean of the patch tokens
     "beit_shared_token": ("beit_base_patch16_224", dict(VIT, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, global_pool="token")),
+    "relpos": ("vit_relpos_base_patch16_224", dict(VIT)),  # relative position MLP per block, 'avg'
+    "relpos_shared_cls": ("vit_srelpos_medium_patch16_224", dict(VIT, class_token=True, global_pool="token")),
+    "relpos_res_post": ("vit_relpos_base_patch16_rpn_224", dict(VIT)),  # ResPostRelPosBlock, no class token
     "swin": ("swin_tiny_patch4_window7_224", SWIN),
     "swin_padded": ("swin_tiny_patch4_window7_224", dict(SWIN, img_size=28)),
     "swinv2": ("swinv2_tiny_window8_256", SWIN),
@@ -359,6 +363,9 @@ def test_aligned_forward_compiles_without_graph_breaks(variant):
 
 # ------------------------------------------------------------------------------------------- unsupported
 UNSUPPORTED = {
+    "cait": ("cait_xxs24_224", dict(VIT, depth=1, depth_token_only=1), "talking-heads attention.*use deit3_"),
+    "xcit": ("xcit_nano_12_p16_224", dict(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2), "cross-covariance attention"),
+    "swinv2_cr": ("swinv2_cr_tiny_ns_224", dict(img_size=32, embed_dim=8, depths=(1,), num_heads=(1,), window_size=4), "use swinv2_"),
     "eva_patch_dropout": ("eva02_tiny_patch14_224", dict(VIT, patch_drop_rate=0.5), "patch dropout drops tokens"),
     "eva_avgmax": ("eva02_tiny_patch14_224", dict(VIT, global_pool="avgmax"), "global_pool 'avgmax'.*'avgmax' take a maximum"),
     "beit_no_pool": ("beit_base_patch16_224", dict(VIT, global_pool=""), "global_pool ''.*one output per token"),

@@ -25,6 +25,7 @@ from timm.models.eva import EvaAttention
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from timm.models.vision_transformer import Attention
+from timm.models.vision_transformer_relpos import RelPosAttention
 from torch.overrides import TorchFunctionMode
 
 from .attention import (
@@ -141,6 +142,10 @@ class _TLAlignTimmAttention(AlignedTimmAttention, Attention):
     """timm's ViT ``Attention`` (``vision_transformer.py``), aligned."""
 
 
+class _TLAlignRelPosAttention(AlignedTimmAttention, RelPosAttention):
+    """timm's ``RelPosAttention`` (relative-position ViTs, ``vit_relpos_*``: the bias as the SDPA mask), aligned."""
+
+
 class _TLAlignEvaAttention(AlignedTimmAttention, EvaAttention):
     """timm's ``EvaAttention`` (EVA, EVA-02, DINOv3, timm's RoPE ViTs), aligned."""
 
@@ -164,7 +169,7 @@ class _TLAlignSwinV2WindowAttention(AlignedTimmAttention, SwinV2WindowAttention)
 ALIGNED_ATTENTION = {
     parent: aligned
     for aligned in (
-        _TLAlignTimmAttention, _TLAlignEvaAttention, _TLAlignAttentionRope, _TLAlignBeitAttention,
+        _TLAlignTimmAttention, _TLAlignRelPosAttention, _TLAlignEvaAttention, _TLAlignAttentionRope, _TLAlignBeitAttention,
         _TLAlignSwinWindowAttention, _TLAlignSwinV2WindowAttention,
     )  # fmt: skip
     for parent in aligned.__bases__[1:]

@@ -46,6 +46,7 @@ from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer_relpos import RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos
 from transformers import TimmWrapperForImageClassification
 
 from .attention import ALIGNER_ATTRIBUTE
@@ -55,7 +56,7 @@ from .timm_swin import SWIN_BLOCKS, SWIN_MERGING, install_swin_hooks, swin_block
 
 SUPPORTED_TIMM_MODELS = (
     "timm's VisionTransformer (vit_*, deit_*, deit3_*, ViTs with registers, CLIP / SigLIP / DINOv2-style ViTs), "
-    "VisionTransformerDistilled (deit_*_distilled_*), Eva (eva_*, eva02_*, DINOv3 vit_*_dinov3, RoPE ViTs "
+    "VisionTransformerDistilled (deit_*_distilled_*), VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*), Eva (eva_*, eva02_*, DINOv3 vit_*_dinov3, RoPE ViTs "
     "vit_*_rope_*, Perception Encoder vit_pe_core_*), Beit (beit_*, beitv2_*), SwinTransformer (swin_*) and "
     "SwinTransformerV2 (swinv2_*), with a linear PatchEmbed, no patch dropout, and global_pool 'token', 'avg' or "
     "'map' (Swin: 'avg')"
@@ -65,6 +66,7 @@ SUPPORTED_POOLS = "'token' (class token), 'avg' (mean of the tokens) or 'map' (a
 _BLOCKS = {
     VisionTransformer: (Block, ResPostBlock),
     VisionTransformerDistilled: (Block, ResPostBlock),
+    VisionTransformerRelPos: (RelPosBlock, ResPostRelPosBlock),
     Eva: (EvaBlock, EvaBlockPostNorm),
     Beit: (BeitBlock,),
     SwinTransformer: SWIN_BLOCKS[:1],
@@ -78,12 +80,35 @@ def _transformer_blocks(timm_model: torch.nn.Module) -> list[torch.nn.Module]:
     return swin_blocks(timm_model) if isinstance(timm_model, SwinTransformer | SwinTransformerV2) else list(timm_model.blocks)
 
 
+# timm classes users reach for that TL-Align refuses: what mixes their tokens outside a softmax attention, and the
+# nearest supported timm models
+_REFUSED_CLASSES = {
+    "Cait": "its talking-heads attention mixes the heads' probabilities after the softmax with learned weights (a "
+    "row is then no distribution over tokens, so there is no share to follow); use deit3_* (layer scale, class token)",
+    "Xcit": "its cross-covariance attention attends over channels, and its local patch interaction (depthwise "
+    "convolutions) mixes neighbouring tokens outside attention; use vit_* or eva02_*",
+    "SwinTransformerV2Cr": "this is the 'cr' re-implementation of Swin V2 with its own blocks, which TL-Align does not "
+    "follow; use swinv2_* (SwinTransformerV2), same architecture",
+    "Hiera": "it max-pools tokens between stages (a maximum, not a mean, of shares); use swin_* or swinv2_*",
+    "MaxxVit": "its MBConv blocks mix neighbouring tokens by convolution outside attention; use swin_* or swinv2_*",
+    "DaVit": "its channel-attention blocks attend over channels and its convolutional position encodings mix tokens; "
+    "use swin_* or swinv2_*",
+    "Twins": "its attention runs over a convolutionally sub-sampled sequence and its position encoding is a "
+    "convolution; use swin_* or vit_*",
+    "PyramidVisionTransformerV2": "its attention runs over a convolutionally reduced sequence and its MLP holds a "
+    "depthwise convolution; use swin_* or vit_*",
+}
+
+
 def _unsupported_part(timm_model: torch.nn.Module) -> str | None:
     """Why the labels cannot be followed through ``timm_model``, or ``None`` when they can."""
+    class_name = type(timm_model).__name__
+    if class_name in _REFUSED_CLASSES:
+        return f"{_REFUSED_CLASSES[class_name]} (timm class {class_name})"
     if type(timm_model) not in _BLOCKS:
         return (
-            f"its timm class {type(timm_model).__name__} is not one of the transformer classes whose attention TL-Align "
-            "can follow"
+            f"its timm class {class_name} mixes tokens in ways TL-Align does not follow (convolutions, pooling, or "
+            "attention other than a softmax over tokens)"
         )
     if type(timm_model.patch_embed) is not PatchEmbed:
         return (
@@ -129,9 +154,8 @@ def _check_supported(model: TimmWrapperForImageClassification) -> None:
     if reason is not None:
         raise ValueError(
             f"TL-Align does not support the timm model {model.config.architecture!r}: {reason}. Supported timm "
-            f"models: {SUPPORTED_TIMM_MODELS}. Models with other attention (CaiT's class attention, XCiT's "
-            "cross-covariance attention, ...) and convolutional or hybrid models (ResNet, ConvNeXt, R50+ViT, "
-            "MaxViT, ...) are not supported: for those, use a ViT, EVA-02, DINOv3, BEiT or Swin checkpoint."
+            f"models: {SUPPORTED_TIMM_MODELS}. Convolutional and hybrid models (ResNet, ConvNeXt, R50+ViT, ...) "
+            "are not supported: for those, use a ViT, EVA-02, DINOv3, BEiT or Swin checkpoint."
         )
     _pool_type(model.timm_model)
 
