@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
 from tl_align_hf import TLAlignTrainer, mixed_soft_targets, to_tl_align
 from tl_align_hf.modeling import ALIGNED_CLASSES
@@ -343,15 +343,19 @@ def test_saved_checkpoint_is_a_plain_transformers_checkpoint(variant, tmp_path):
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert type(loaded) is TimmWrapperForImageClassification
     assert all(type(module).__module__.startswith(("timm.", "torch.", "transformers.")) for module in loaded.modules())
-    batch = backbone_batch(variant)
+    batch = backbone_batch(variant, "fractional")
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(batch["pixel_values"]).logits, vanilla(batch["pixel_values"]).logits)
+        auto_model = AutoModelForImageClassification.from_pretrained(tmp_path).eval()  # what users load, converted
+        expected = aligned(batch["pixel_values"], **mixing(batch)).aligned_lam
+        torch.testing.assert_close(to_tl_align(auto_model)(batch["pixel_values"], **mixing(batch)).aligned_lam, expected)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["explicit_softmax", "sdpa"])
 @pytest.mark.parametrize("variant", ["eva02", "swin"])
-def test_aligned_forward_compiles_without_graph_breaks(variant):
+def test_aligned_forward_compiles_without_graph_breaks(variant, fused):
     torch._dynamo.reset()
-    model = aligned_backbone(tiny_backbone(variant)).train()
+    model = aligned_backbone(tiny_backbone(variant, fused)).train()
     batch = backbone_batch(variant, "fractional")
     try:
         explanation = torch._dynamo.explain(model)(batch["pixel_values"], labels=batch["labels"], **mixing(batch))
