@@ -88,7 +88,7 @@ class _AttentionShares(TorchFunctionMode):
     (``fused_attn``) or compute an explicit softmax. Both calls are where this mode meets them, whatever came before:
 
     - the SDPA call runs on the aligner's path (:func:`~tl_align_hf.attention.attention_with_shares`: the value
-      channel, the explicit probabilities beside it, or timm's explicit softmax whose probabilities are reused),
+      channel, the explicit probabilities beside it, or an explicit softmax whose probabilities are reused),
       with the call's own mask (relative position bias, window masks), dropout and scale;
     - the explicit softmax (timm's attention probabilities, before ``attn_drop``) is computed as timm computes it,
       and the block's update ``mean_h(P_h) @ s`` is taken from its output.
