@@ -7,10 +7,11 @@ timed steps after warm-up.
     python scripts/bench_overhead.py                       # DeiT-Tiny and DeiT-Small, 224 px, CPU batch 32
     python scripts/bench_overhead.py --configs tiny --steps 10 --json docs/bench_overhead_cpu.json
     python scripts/bench_overhead.py --configs swin_tiny   # Swin-T (SwinConfig defaults: patch 4, window 7)
+    python scripts/bench_overhead.py --configs eva02_tiny  # timm's EVA-02 Ti/14 through TimmWrapper (RoPE, SwiGLU)
 
 Variants (`--variants`; the first is the baseline of the ratios):
     plain-sdpa              plain mixing (area target), SDPA attention, the parent model's forward
-    plain-eager             plain mixing, eager attention
+    plain-eager             plain mixing, eager attention (timm models: fused_attn off, timm's explicit softmax)
     tl-align-sdpa           TL-Align with SDPA selected, the path `auto` picks on this device
     tl-align-sdpa-eager     TL-Align with SDPA selected, forced "eager" path (the model's eager attention, whose
                             probabilities are reused; `auto` on the CPU before issue 17)
@@ -33,11 +34,12 @@ import statistics
 import time
 
 import torch
-from transformers import DeiTConfig, SwinConfig
+from transformers import DeiTConfig, SwinConfig, TimmWrapperConfig
 
 from tl_align_hf import (
     TLAlignDeiTForImageClassification,
     TLAlignSwinForImageClassification,
+    TLAlignTimmWrapperForImageClassification,
     mixed_batch_loss,
     mixing_loss,
 )
@@ -50,13 +52,19 @@ CONFIGS = {
               dict(patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)),
     # SwinConfig's defaults are Swin-T: patch 4, embed_dim 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), window 7
     "swin_tiny": ("Swin-Tiny", TLAlignSwinForImageClassification, SwinConfig, dict()),
+    # timm's eva02_tiny_patch14_224 (embed 192, 12 blocks, 3 heads, SwiGLU, RoPE), no Hub weights; image_size -> img_size
+    "eva02_tiny": ("EVA-02-Tiny (timm)", TLAlignTimmWrapperForImageClassification, TimmWrapperConfig,
+                   dict(architecture="eva02_tiny_patch14_224")),
 }
 NUM_CLASSES = 1000
 
 
 def make_model(name: str, image_size: int, device: torch.device):
     _, aligned_class, config_class, values = CONFIGS[name]
-    config = config_class(image_size=image_size, num_labels=NUM_CLASSES, **values)
+    if config_class is TimmWrapperConfig:
+        config = config_class(num_labels=NUM_CLASSES, model_args={"img_size": image_size}, **values)
+    else:
+        config = config_class(image_size=image_size, num_labels=NUM_CLASSES, **values)
     config._attn_implementation = "sdpa"
     return aligned_class(config).to(device).train()
 
@@ -105,12 +113,23 @@ VARIANTS = {
 }
 
 
+def set_backend(model, backend: str) -> None:
+    """The attention backend: transformers' `set_attn_implementation`, or timm's `fused_attn` (timm ignores the former)."""
+    if isinstance(model, TLAlignTimmWrapperForImageClassification):
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = backend == "sdpa"
+        model.config._attn_implementation = backend
+    else:
+        model.set_attn_implementation(backend)
+
+
 def step(models: dict, optimizer, batch: dict, variant: str, autocast) -> None:
     """One forward + backward + optimizer step of `variant` (`models[variant]`: the model, compiled or not)."""
     model = models[variant]
     backend, path = VARIANTS[variant.removesuffix("+compile")]
     if model.config._attn_implementation != backend:
-        model.set_attn_implementation(backend)
+        set_backend(getattr(model, "_orig_mod", model), backend)
     mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}
     with autocast():
         if path is not None:
@@ -140,7 +159,8 @@ def measure(name: str, variants: list[str], args, device: torch.device) -> dict:
     if not isinstance(model, TLAlignDeiTForImageClassification):  # the official formulation exists for DeiT only
         variants = [variant for variant in variants if variant != "official"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    batch = make_batch(args.batch_size, args.image_size, model.config.patch_size, device)
+    patch_size = model.tl_align_patch_size
+    batch = make_batch(args.batch_size, args.image_size, patch_size if isinstance(patch_size, int) else patch_size[0], device)
     # Compiled twins share the weights; each backend gets its own compiled graph (set_attn_implementation recompiles).
     models = {variant: torch.compile(model) if variant.endswith("+compile") else model for variant in variants}
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext

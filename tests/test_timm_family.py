@@ -1,4 +1,5 @@
-"""The timm family: `TimmWrapperForImageClassification` of timm ViTs (`VisionTransformer`, `VisionTransformerDistilled`).
+"""The timm family: `TimmWrapperForImageClassification` of timm ViTs (`VisionTransformer`, `VisionTransformerDistilled`;
+the other timm backbones: test_timm_backbones.py).
 
 The guarantees of the other families: the aligned target equals an independent full label-vector reference (timm's
 own attention probabilities, recorded from the vanilla model), for timm's explicit softmax and its fused SDPA, on
@@ -329,8 +330,8 @@ def test_distilled_training_trains_both_heads_on_the_cls_target():
 UNSUPPORTED = {
     "resnet": ("resnet10t", {}),
     "convnext": ("convnext_atto", dict(dims=(8, 8, 8, 8), depths=(1, 1, 1, 1))),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=8, depths=(1,), num_heads=(1,), window_size=4)),
-    "eva": ("eva02_tiny_patch14_224", dict(img_size=28, embed_dim=16, depth=1, num_heads=2)),
+    "cait": ("cait_xxs24_224", dict(TINY, depth=1, depth_token_only=1)),  # class attention
+    "xcit": ("xcit_nano_12_p16_224", dict(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2)),
     "hybrid": ("vit_tiny_r_s16_p8_224", dict(img_size=32, embed_dim=16, depth=1, num_heads=2)),
     "parallel_blocks": ("vit_small_patch16_18x2_224", dict(TINY, depth=1)),
     "patch_dropout": ("vit_tiny_patch16_224", dict(TINY, patch_drop_rate=0.5)),

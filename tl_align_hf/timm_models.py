@@ -1,17 +1,24 @@
-"""Token-label alignment for timm ViTs wrapped by transformers' ``TimmWrapperForImageClassification``.
+"""Token-label alignment for timm models wrapped by transformers' ``TimmWrapperForImageClassification``.
 
-timm's attention does not run through transformers' attention interface: each ``timm.layers.Attention`` computes
-``F.scaled_dot_product_attention`` (``fused_attn=True``) or an explicit softmax itself, and the wrapper hands only
-the pixels to the timm model. So the aligner travels differently, through the same building blocks:
+Supported timm classes (``SUPPORTED_TIMM_MODELS``): ``VisionTransformer`` and ``VisionTransformerDistilled`` (ViT,
+DeiT, DeiT III, ViTs with registers, CLIP / SigLIP / DINOv2-style ViTs), ``Eva`` (EVA, EVA-02, DINOv3, timm's and
+Naver's RoPE ViTs, Perception Encoder), ``Beit`` (BEiT, BEiT v2), ``SwinTransformer`` and ``SwinTransformerV2``.
 
-- converting a model gives each of its ``Attention`` modules the subclass :class:`_TLAlignTimmAttention` (same
-  weights, same forward when no aligner is there) and hooks the attention-pooling head (``global_pool='map'``);
+The wrapper hands only the pixels to the timm model, and timm's attention does not run through transformers'
+attention interface, so the aligner travels differently, through the same building blocks:
+
+- converting a model gives each of its attention modules the aligned subclass of its class
+  (:mod:`tl_align_hf.timm_attention`: same weights, same forward when no aligner is there) and hooks the
+  attention-pooling head (``global_pool='map'``) and, in Swin models, the blocks and patch merging
+  (:mod:`tl_align_hf.timm_swin`);
 - for the aligned forward pass only, the model puts the aligner on those modules (``ALIGNER_ATTRIBUTE``, as
   :func:`~tl_align_hf.attention.pass_aligner_through` does for modules that drop their kwargs) and takes it off
   afterwards, so a forward pass without mixing arguments is timm's own, bit for bit;
-- with an aligner, the attention computes timm's q, k and v and the block's ``mean_h(P_h) @ s`` on the aligner's
-  path (``eager``: the probabilities of timm's explicit softmax; ``value_channel``: the shares as an extra value
-  channel of timm's SDPA call; ``explicit``: timm's attention unchanged, the dropout-free probabilities beside it).
+- with an aligner, each attention computes timm's forward with the block's ``mean_h(P_h) @ s`` taken from its
+  attention: for timm's SDPA (``fused_attn``) on the aligner's path (``value_channel``: the shares as an extra
+  value channel of timm's SDPA call; ``explicit``: timm's SDPA unchanged, the dropout-free probabilities beside it;
+  ``eager``: an explicit softmax whose probabilities are reused), and for timm's explicit softmax from its own
+  probabilities (before ``attn_drop``), whatever the path.
 
 Gradient checkpointing (``set_grad_checkpointing``) recomputes timm's blocks without the aligner, i.e. as plain
 timm; the aligned forward then takes the ``explicit`` path, whose attention output is exactly timm's own, so that
@@ -19,9 +26,10 @@ the recomputation matches the forward pass and each update is applied once.
 
 The prefix tokens (class, distillation, registers: ``num_prefix_tokens``) start at ``mix_lam``. The read-out mirrors
 ``forward_head``: ``'token'`` reads the class token's share, ``'avg'`` the mean share of the pooled tokens (the patch
-tokens, or all tokens with ``pool_include_prefix``), and ``'map'`` the shares of the pooling attention's latent
-queries, ``mean_h(P_h) @ s`` over the pooled tokens (that attention has no residual: the latent holds no label of
-its own), then pooled as the head pools its latents. Distilled DeiTs read the class token's share for both heads.
+tokens, all tokens with ``pool_include_prefix``, all tokens of Swin's last stage), and ``'map'`` the shares of the
+pooling attention's latent queries, ``mean_h(P_h) @ s`` over the pooled tokens (that attention has no residual:
+the latent holds no label of its own), then pooled as the head pools its latents. Distilled DeiTs read the class
+token's share for both heads.
 """
 
 from __future__ import annotations
@@ -30,153 +38,101 @@ import dataclasses
 import functools
 
 import torch
-import torch.nn.functional as F
 from timm.layers import AttentionPoolLatent, PatchEmbed
+from timm.models.beit import Beit
+from timm.models.beit import Block as BeitBlock
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Attention, Block, ResPostBlock, VisionTransformer
+from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer_relpos import RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos
 from transformers import TimmWrapperForImageClassification
 
-from .attention import (
-    ALIGNER_ATTRIBUTE,
-    additive_mask,
-    attention_with_shares,
-    dropout_free_probabilities,
-    mean_attended_shares,
-)
+from .attention import ALIGNER_ATTRIBUTE
 from .modeling import TLAlignMixin, _aligned_output_class
+from .timm_attention import ALIGNED_ATTENTION, AlignedTimmAttention, attention_pool_pre_hook
+from .timm_swin import SWIN_BLOCKS, SWIN_MERGING, install_swin_hooks, swin_blocks
 
 SUPPORTED_TIMM_MODELS = (
-    "timm's VisionTransformer (vit_*, deit_*, deit3_*, ViTs with registers, CLIP / SigLIP / DINOv2-style ViTs) and "
-    "VisionTransformerDistilled (deit_*_distilled_*), built from Block or ResPostBlock blocks with timm's standard "
-    "Attention, a linear PatchEmbed, no patch dropout, and global_pool 'token', 'avg' or 'map'"
+    "timm's VisionTransformer (vit_*, deit_*, deit3_*, ViTs with registers, CLIP / SigLIP / DINOv2-style ViTs), "
+    "VisionTransformerDistilled (deit_*_distilled_*), VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*), Eva (eva_*, eva02_*, DINOv3 vit_*_dinov3, RoPE ViTs "
+    "vit_*_rope_*, Perception Encoder vit_pe_core_*), Beit (beit_*, beitv2_*), SwinTransformer (swin_*) and "
+    "SwinTransformerV2 (swinv2_*), with a linear PatchEmbed, no patch dropout, and global_pool 'token', 'avg' or "
+    "'map' (Swin: 'avg')"
 )
 SUPPORTED_POOLS = "'token' (class token), 'avg' (mean of the tokens) or 'map' (attention pooling, pool_type 'token' or 'avg')"
-
-
-# -------------------------------------------------------------------------------------------------- attention
-def _self_attention_mask(attn_mask: torch.Tensor | None, is_causal: bool, query: torch.Tensor) -> torch.Tensor | None:
-    """The mask timm's attention applies: ``attn_mask`` (additive, or a boolean keep-mask), or a causal keep-mask."""
-    if is_causal:
-        num_tokens = query.shape[2]
-        return torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=query.device).tril()
-    return attn_mask
-
-
-def _timm_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, fused, is_causal=False):
-    """Attention as ``timm.layers.Attention.forward`` computes it, in the calling convention of transformers'
-    attention functions (so that :func:`~tl_align_hf.attention.attention_with_shares` can run it on every path).
-
-    Args:
-        query, key, value: `(B, H, N, D)`, after timm's q/k norm.
-        dropout: the attention dropout probability of this call (timm's ``attn_drop.p`` in training, else 0); the
-            explicit softmax applies timm's own ``attn_drop`` module.
-        scaling: ``None`` for timm's ``1/sqrt(D)``; given only for the zero-padded heads of the value channel.
-        fused: SDPA (timm's ``fused_attn``) or the explicit softmax.
-    Returns:
-        `(B, N, H, D)` output and the `(B, H, N, N)` probabilities before dropout (``None`` when fused).
-    """
-    if fused:
-        scale = {} if scaling is None else {"scale": scaling}
-        output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, **scale
-        )
-        return output.transpose(1, 2), None
-    scores = (query * (module.scale if scaling is None else scaling)) @ key.transpose(-2, -1)
-    bias = additive_mask(_self_attention_mask(attention_mask, is_causal, query), scores.dtype)
-    probabilities = (scores if bias is None else scores + bias).softmax(dim=-1)
-    return (module.attn_drop(probabilities) @ value).transpose(1, 2), probabilities
-
-
-def _attention_with_shares(module, query, key, value, attn_mask, is_causal, aligner) -> torch.Tensor:
-    """The `(B, N, H, D)` attention output on the aligner's path, after applying this block's share update."""
-    mask = _self_attention_mask(attn_mask, is_causal, query)
-    output, _ = attention_with_shares(
-        aligner, module, query, key, value, mask, module.attn_drop.p if module.training else 0.0, module.scale,
-        base_function=functools.partial(_timm_attention, fused=module.fused_attn),
-        eager_function=functools.partial(_timm_attention, fused=False),
-        base_is_eager=not module.fused_attn,
-    )  # fmt: skip
-    return output
-
-
-class _TLAlignTimmAttention(Attention):
-    """timm's ``Attention`` that also feeds the aligner put on it for an aligned forward pass; without one, timm's
-    forward itself. Converted models get this class in place of ``Attention`` (same module, same weights)."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        aligner = getattr(self, ALIGNER_ATTRIBUTE, None)
-        if aligner is None:
-            return super().forward(x, *args, **kwargs)
-        return self._aligned_forward(x, aligner, *args, **kwargs)
-
-    def _aligned_forward(self, x, aligner, attn_mask=None, is_causal=False) -> torch.Tensor:
-        """timm's ``Attention.forward`` on `(B, N, C)` tokens, with the attention call replaced."""
-        batch_size, num_tokens, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv.unbind(0)
-        query, key = self.q_norm(query), self.k_norm(key)
-        x = _attention_with_shares(self, query, key, value, attn_mask, is_causal, aligner)
-        x = self.norm(x.reshape(batch_size, num_tokens, self.num_heads * self.head_dim))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
-# ----------------------------------------------------------------------------------------- attention pooling
-def _latent_pool_probabilities(attn_pool: AttentionPoolLatent, tokens: torch.Tensor) -> torch.Tensor:
-    """`(B, H, L, N)` float32 probabilities of the pool's L latent queries over its `(B, N, C)` input tokens."""
-    with torch.no_grad():
-        batch_size, num_tokens, _ = tokens.shape
-        if attn_pool.pos_embed is not None:
-            tokens = tokens + attn_pool.pos_embed.unsqueeze(0).to(tokens.dtype)
-        heads = (attn_pool.num_heads, attn_pool.head_dim)
-        query = attn_pool.q(attn_pool.latent.expand(batch_size, -1, -1))
-        query = query.reshape(batch_size, attn_pool.latent_len, *heads).transpose(1, 2)
-        key = attn_pool.kv(tokens).reshape(batch_size, num_tokens, 2, *heads)[:, :, 0].transpose(1, 2)
-        query, key = attn_pool.q_norm(query), attn_pool.k_norm(key)
-        return dropout_free_probabilities(query, key, None, attn_pool.scale)
-
-
-def _latent_shares(attn_pool: AttentionPoolLatent, tokens: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
-    """`(B, N)` token shares -> `(B, L)` shares of the latent queries, ``mean_h(P_h) @ s`` over the pooled tokens.
-
-    The pooled tokens are the last ``tokens.shape[1]`` ones: the patch tokens, or all with ``pool_include_prefix``.
-    """
-    pooled_shares = shares[:, shares.shape[1] - tokens.shape[1] :]
-    return mean_attended_shares(_latent_pool_probabilities(attn_pool, tokens), pooled_shares)
-
-
-def _attention_pool_pre_hook(attn_pool: AttentionPoolLatent, args: tuple) -> None:
-    aligner = getattr(attn_pool, ALIGNER_ATTRIBUTE, None)
-    if aligner is not None:
-        aligner.merge_tokens(functools.partial(_latent_shares, attn_pool, args[0]))
+# timm class -> the block classes it is built from (each block's ``attn`` must be one of ALIGNED_ATTENTION's classes)
+_BLOCKS = {
+    VisionTransformer: (Block, ResPostBlock),
+    VisionTransformerDistilled: (Block, ResPostBlock),
+    VisionTransformerRelPos: (RelPosBlock, ResPostRelPosBlock),
+    Eva: (EvaBlock, EvaBlockPostNorm),
+    Beit: (BeitBlock,),
+    SwinTransformer: SWIN_BLOCKS[:1],
+    SwinTransformerV2: SWIN_BLOCKS[1:],
+}
 
 
 # -------------------------------------------------------------------------------------------- what is supported
+def _transformer_blocks(timm_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention blocks of a supported timm model, in order (one share update each)."""
+    return swin_blocks(timm_model) if isinstance(timm_model, SwinTransformer | SwinTransformerV2) else list(timm_model.blocks)
+
+
+# timm classes users reach for that TL-Align refuses: what mixes their tokens outside a softmax attention, and the
+# nearest supported timm models
+_REFUSED_CLASSES = {
+    "Cait": "its talking-heads attention mixes the heads' probabilities after the softmax with learned weights (a "
+    "row is then no distribution over tokens, so there is no share to follow); use deit3_* (layer scale, class token)",
+    "Xcit": "its cross-covariance attention attends over channels, and its local patch interaction (depthwise "
+    "convolutions) mixes neighbouring tokens outside attention; use vit_* or eva02_*",
+    "SwinTransformerV2Cr": "this is the 'cr' re-implementation of Swin V2 with its own blocks, which TL-Align does not "
+    "follow; use swinv2_* (SwinTransformerV2), same architecture",
+    "Hiera": "it max-pools tokens between stages (a maximum, not a mean, of shares); use swin_* or swinv2_*",
+    "MaxxVit": "its MBConv blocks mix neighbouring tokens by convolution outside attention; use swin_* or swinv2_*",
+    "DaVit": "its channel-attention blocks attend over channels and its convolutional position encodings mix tokens; "
+    "use swin_* or swinv2_*",
+    "Twins": "its attention runs over a convolutionally sub-sampled sequence and its position encoding is a "
+    "convolution; use swin_* or vit_*",
+    "PyramidVisionTransformerV2": "its attention runs over a convolutionally reduced sequence and its MLP holds a "
+    "depthwise convolution; use swin_* or vit_*",
+}
+
+
 def _unsupported_part(timm_model: torch.nn.Module) -> str | None:
     """Why the labels cannot be followed through ``timm_model``, or ``None`` when they can."""
-    if type(timm_model) not in (VisionTransformer, VisionTransformerDistilled):
-        return f"its timm class {type(timm_model).__name__} is not a ViT built on timm's standard attention blocks"
+    class_name = type(timm_model).__name__
+    if class_name in _REFUSED_CLASSES:
+        return f"{_REFUSED_CLASSES[class_name]} (timm class {class_name})"
+    if type(timm_model) not in _BLOCKS:
+        return (
+            f"its timm class {class_name} mixes tokens in ways TL-Align does not follow (convolutions, pooling, or "
+            "attention other than a softmax over tokens)"
+        )
     if type(timm_model.patch_embed) is not PatchEmbed:
         return (
             f"its patch embedding {type(timm_model.patch_embed).__name__} is not a linear PatchEmbed (a convolutional "
             "stem mixes pixels across patches, so a token's share is not its patch's)"
         )
-    blocks = sorted({type(block).__name__ for block in timm_model.blocks if type(block) not in (Block, ResPostBlock)})
-    if blocks:
-        return f"its blocks ({', '.join(blocks)}) are not Block or ResPostBlock (e.g. attention and MLP in parallel)"
-    attentions = sorted({type(block.attn).__name__ for block in timm_model.blocks if not isinstance(block.attn, Attention)})
+    blocks = _transformer_blocks(timm_model)
+    others = sorted({type(block).__name__ for block in blocks if type(block) not in _BLOCKS[type(timm_model)]})
+    if others:
+        return f"its blocks ({', '.join(others)}) are not {type(timm_model).__name__}'s own (e.g. attention and MLP in parallel)"
+    attentions = sorted({
+        type(block.attn).__name__ for block in blocks
+        if type(block.attn) not in ALIGNED_ATTENTION and not isinstance(block.attn, AlignedTimmAttention)
+    })  # fmt: skip
     if attentions:
-        return f"its attention ({', '.join(attentions)}) is not timm's standard Attention"
-    if not isinstance(timm_model.patch_drop, torch.nn.Identity):
+        return f"its attention ({', '.join(attentions)}) is not one of timm's attention classes TL-Align follows"
+    if not isinstance(getattr(timm_model, "patch_drop", None), torch.nn.Identity | None):
         return "patch dropout drops tokens in training; build it with model_args={'patch_drop_rate': 0.0}"
     return None
 
 
-def _pool_type(timm_model: VisionTransformer) -> str:
+def _pool_type(timm_model: torch.nn.Module) -> str:
     """``'token'`` or ``'avg'``: how ``forward_head`` pools the final tokens (with ``'map'``: the latent queries)."""
-    attn_pool = timm_model.attn_pool
+    attn_pool = getattr(timm_model, "attn_pool", None)
     if attn_pool is None:
         pool, described = timm_model.global_pool, repr(timm_model.global_pool)
     elif type(attn_pool) is AttentionPoolLatent:
@@ -198,8 +154,8 @@ def _check_supported(model: TimmWrapperForImageClassification) -> None:
     if reason is not None:
         raise ValueError(
             f"TL-Align does not support the timm model {model.config.architecture!r}: {reason}. Supported timm "
-            f"models: {SUPPORTED_TIMM_MODELS}. Models with their own attention (EVA, BEiT, Swin, CaiT, XCiT, ...) "
-            "and convolutional or hybrid models (ResNet, ConvNeXt, R50+ViT, ...) are not supported."
+            f"models: {SUPPORTED_TIMM_MODELS}. Convolutional and hybrid models (ResNet, ConvNeXt, R50+ViT, ...) "
+            "are not supported: for those, use a ViT, EVA-02, DINOv3, BEiT or Swin checkpoint."
         )
     _pool_type(model.timm_model)
 
@@ -215,12 +171,17 @@ class TLAlignTimmWrapperClassifierOutput(_aligned_output_class(TimmWrapperForIma
     distillation_logits: torch.FloatTensor | None = None
 
 
+# the modules that read the aligner during an aligned forward pass
+_ALIGNER_CARRIERS = (AlignedTimmAttention, AttentionPoolLatent, *SWIN_BLOCKS, *SWIN_MERGING)
+
+
 def _forward_with_aligner_on_modules(parent_forward, model, *, token_label_aligner, **arguments):
     """``parent_forward(model, **arguments)`` with the aligner on timm's attention and pooling modules for the call
     (timm's forward takes no aligner argument); the distilled heads are named in the output."""
-    if model.timm_model.grad_checkpointing and torch.is_grad_enabled():
-        token_label_aligner.attention_path = "explicit"  # the blocks are recomputed as plain timm (module docstring)
-    modules = [module for module in model.modules() if isinstance(module, _TLAlignTimmAttention | AttentionPoolLatent)]
+    modules = [module for module in model.modules() if isinstance(module, _ALIGNER_CARRIERS)]
+    checkpointing = any(getattr(module, "grad_checkpointing", False) for module in model.timm_model.modules())
+    if checkpointing and torch.is_grad_enabled():  # the blocks are recomputed as plain timm (module docstring)
+        token_label_aligner.attention_path = "explicit"
     for module in modules:
         setattr(module, ALIGNER_ATTRIBUTE, token_label_aligner)
     try:
@@ -234,10 +195,11 @@ def _forward_with_aligner_on_modules(parent_forward, model, *, token_label_align
 
 
 class TLAlignTimmWrapperForImageClassification(TLAlignMixin, TimmWrapperForImageClassification):
-    """:class:`~transformers.TimmWrapperForImageClassification` of a timm ViT with token-label alignment.
+    """:class:`~transformers.TimmWrapperForImageClassification` of a timm transformer with token-label alignment.
 
-    Supported: timm's ``VisionTransformer`` and ``VisionTransformerDistilled`` (see ``SUPPORTED_TIMM_MODELS``);
-    others raise a ValueError. The prefix tokens (class, distillation, registers) start at ``mix_lam``; the aligned
+    Supported: timm's ``VisionTransformer``, ``VisionTransformerDistilled``, ``Eva``, ``Beit``, ``SwinTransformer``
+    and ``SwinTransformerV2`` (see ``SUPPORTED_TIMM_MODELS``); others raise a ValueError. The prefix tokens (class,
+    distillation, registers; none in Swin) start at ``mix_lam``; the aligned
     share mirrors timm's ``global_pool`` (module docstring). The shares are computed by timm's own attention modules
     on the path ``tl_align_attention_path`` picks, for SDPA (``fused_attn=True``) and explicit attention alike.
 
@@ -249,11 +211,11 @@ class TLAlignTimmWrapperForImageClassification(TLAlignMixin, TimmWrapperForImage
 
     @property
     def tl_align_num_prefix_tokens(self) -> int:
-        return self.timm_model.num_prefix_tokens
+        return getattr(self.timm_model, "num_prefix_tokens", 0)
 
     @property
     def tl_align_num_blocks(self) -> int:
-        return len(self.timm_model.blocks)
+        return len(_transformer_blocks(self.timm_model))
 
     @property
     def tl_align_pooling(self) -> str:
@@ -276,22 +238,24 @@ class TLAlignTimmWrapperForImageClassification(TLAlignMixin, TimmWrapperForImage
         return tuple(patch_embed.img_size) if fixed_size else None
 
     def tl_align_route_attention(self) -> None:
-        """Check the timm model and give its attention modules the aligned subclass."""
+        """Check the timm model and give each block's attention module the aligned subclass of its class."""
         _check_supported(self)
-        for block in self.timm_model.blocks:
-            block.attn.__class__ = _TLAlignTimmAttention
+        for block in _transformer_blocks(self.timm_model):
+            block.attn.__class__ = ALIGNED_ATTENTION.get(type(block.attn), type(block.attn))
 
     def tl_align_install_hooks(self) -> None:
         super().tl_align_install_hooks()
-        if isinstance(self.timm_model.attn_pool, AttentionPoolLatent):
-            self.timm_model.attn_pool.register_forward_pre_hook(_attention_pool_pre_hook)
+        attn_pool = getattr(self.timm_model, "attn_pool", None)
+        if isinstance(attn_pool, AttentionPoolLatent):
+            attn_pool.register_forward_pre_hook(attention_pool_pre_hook)
+        install_swin_hooks(self.timm_model)
 
     def tl_align_readout(self, shares: torch.Tensor) -> torch.Tensor:
         """`(B, N)` final shares (`(B, L)` latent shares after a ``'map'`` pool) -> `(B,)`, pooled as timm pools."""
         timm_model = self.timm_model
         pooled = shares
-        if timm_model.attn_pool is None and not getattr(timm_model, "pool_include_prefix", False):
-            pooled = shares[:, timm_model.num_prefix_tokens :]
+        if getattr(timm_model, "attn_pool", None) is None and not getattr(timm_model, "pool_include_prefix", False):
+            pooled = shares[:, self.tl_align_num_prefix_tokens :]
         return shares[:, 0] if _pool_type(timm_model) == "token" else pooled.mean(dim=1)
 
     def tl_align_forward(self, parent_forward, arguments, labels, mix_index, token_weights, mix_lam, target_smoothing):
