@@ -278,7 +278,7 @@ def test_train_with_plain_training_arguments(tmp_path, caplog):
     hf_logging.enable_propagation()
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
-        use_cpu=True, logging_steps=1, seed=0,
+        use_cpu=True, logging_steps=1, seed=0, log_level="info",
     )
     model = tiny_model(ViTForImageClassification, "sdpa").train()
     with caplog.at_level("INFO", logger="tl_align_hf"):
@@ -289,11 +289,6 @@ def test_train_with_plain_training_arguments(tmp_path, caplog):
     assert any("plain TrainingArguments" in record.message and "token_cutmix" in record.message for record in caplog.records)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and all("aligned_lam" in entry for entry in logs)
-
-
-def test_raises_error_when_label_smoothing_factor_is_set(tmp_path):
-    with pytest.raises(ValueError, match=r"set `label_smoothing` \(--label_smoothing\) instead of `label_smoothing_factor`"):
-        make_args(tmp_path, label_smoothing_factor=0.1)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainingArguments
 
+from .config import as_tl_align_config
 from .mixer import MixingSettings, TLAlignMixer, mixing_generator
 
 _DIGEST_SAMPLES_PER_SIDE = 16  # pixels per image side that enter the batch digest (about 16 x 16 x C per image)
@@ -152,7 +154,7 @@ class TLAlignCollator:
     def from_model(
         cls,
         model_or_config: Any,
-        settings: MixingSettings | None = None,
+        settings: MixingSettings | TrainingArguments | None = None,
         *,
         seed: int | None = None,
         rank: int | None = None,
@@ -161,10 +163,14 @@ class TLAlignCollator:
     ) -> TLAlignCollator:
         """A collator for a transformers model or config: patch size, image size and `num_labels` read from it.
 
+        settings: the mixing settings: a [`MixingSettings`], a `TLAlignConfig`, or a plain `TrainingArguments`
+        (then TLAlignConfig's default mixing, as `TLAlignTrainer` converts it: see `as_tl_align_config`).
         kwargs: mixing settings fields when `settings` is not given (`mixing_method="cutmix"`, ...), the mixer's
         `patch_size`, `image_size` (`None` accepts any size) or `pairing`, and `num_labels` (`None` skips the label
         range check), each overriding what is read from the config.
         """
+        if isinstance(settings, TrainingArguments):
+            settings = as_tl_align_config(settings)
         config = getattr(model_or_config, "config", model_or_config)
         num_labels = kwargs.pop("num_labels", getattr(config, "num_labels", None))
         vision_config = getattr(config, "vision_config", None) or config

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging as std_logging
 import os
 
 import numpy as np
@@ -13,7 +15,7 @@ from transformers.utils import logging
 
 from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable, training_settings
 from .collator import TLAlignCollator
-from .config import TLAlignConfig
+from .config import TLAlignConfig, as_tl_align_config
 from .data import set_train_epoch
 from .losses import alignment_metrics, mixed_batch_loss
 from .metrics import compute_accuracy_metrics
@@ -42,26 +44,16 @@ class _EpochCallback(TrainerCallback):
             self.trainer.data_collator.set_epoch(epoch)
 
 
-def _as_tl_align_config(args: TrainingArguments | None) -> TLAlignConfig:
-    """`args` itself, or a plain `TrainingArguments` converted with the default mixing settings (logged)."""
-    if args is None:
-        return TLAlignConfig(output_dir="tmp_trainer")
-    if isinstance(args, TLAlignConfig):
-        return args
-    if not isinstance(args, TrainingArguments):
-        raise TypeError(f"`args` must be a TLAlignConfig or TrainingArguments, got {type(args).__name__}.")
-    values = args.to_dict()
-    values.pop("push_to_hub_token", None)
-    if values.get("label_smoothing_factor"):
-        values["label_smoothing"] = values.pop("label_smoothing_factor")
-    config = TLAlignConfig(**{key: value for key, value in values.items() if key in TLAlignConfig.__dataclass_fields__})
-    logger.info(
+def _conversion_notice(args: TrainingArguments, config: TLAlignConfig) -> str:
+    """What a plain `args` became: the mixing settings it now trains with, and any of its fields that were dropped."""
+    kept = {item.name for item in dataclasses.fields(TLAlignConfig)}
+    dropped = [item.name for item in dataclasses.fields(args) if item.init and item.name not in kept]
+    return (
         f"TLAlignTrainer got a plain {type(args).__name__}; training with the default mixing of TLAlignConfig: "
         f"{config.mixing_method} (cutmix_alpha={config.cutmix_alpha}, mixup_alpha={config.mixup_alpha}), TL-Align "
         f"{'on' if config.tl_align else 'off'}, label smoothing {config.label_smoothing}. Pass a TLAlignConfig to "
-        "choose them."
+        "choose them." + (f" Fields TLAlignConfig lacks were dropped: {', '.join(dropped)}." if dropped else "")
     )
-    return config
 
 
 class TLAlignTrainer(Trainer):
@@ -84,7 +76,13 @@ class TLAlignTrainer(Trainer):
     def __init__(self, model=None, args: TLAlignConfig | None = None, data_collator=None, compute_metrics=None, **kwargs):
         if model is None:
             raise ValueError("TLAlignTrainer needs a `model` (model_init is not supported).")
-        args = _as_tl_align_config(args)
+        config = as_tl_align_config(args)
+        # Our loggers take the level Trainer gives transformers' (--log_level, --log_level_replica; "passive" keeps
+        # transformers' verbosity), so that scripts that set it, as transformers' examples do, see our messages.
+        std_logging.getLogger(__package__).setLevel(config.get_process_log_level())
+        if config is not args and args is not None:
+            logger.info(_conversion_notice(args, config))
+        args = config
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("TLAlignTrainer computes the aligned loss itself; remove `compute_loss_func`.")
         num_labels = getattr(model.config, "num_labels", None)
