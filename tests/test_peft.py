@@ -8,6 +8,7 @@ Accelerate example, with real `peft` models of a tiny ViT.
 import copy
 import importlib.util
 import json
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -21,6 +22,7 @@ from .test_trainer import image_dataset, make_args
 from .tiny_models import mixed_batch, tiny_model
 
 MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "compatibility_peft.md"
 
 
 def lora_model(init_lora_weights: bool = True, seed: int = 0) -> PeftModel:
@@ -169,21 +171,31 @@ def test_load_best_model_at_end_with_peft_model_loads_the_best_adapter(tmp_path)
     assert any(not torch.equal(last[name], tensor) for name, tensor in saved.items())
 
 
+def test_docs_recipe_trains_and_saves_an_adapter(tmp_path, monkeypatch):
+    """The recipe block of docs/compatibility_peft.md, run as written on a tiny ViT and dataset."""
+    block = DOCS.read_text().split("<!-- recipe:begin -->")[1].split("<!-- recipe:end -->")[0]
+    code = block.strip().removeprefix("```python").removesuffix("```")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": tiny_model(ViTForImageClassification, "sdpa").train(), "train_dataset": image_dataset()}
+    exec(compile(code, str(DOCS), "exec"), namespace)
+    assert namespace["trainer"].state.global_step > 0
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {path.name for path in (tmp_path / "vit-lora").iterdir()}
+    loaded = PeftModel.from_pretrained(tiny_model(ViTForImageClassification, "sdpa"), tmp_path / "vit-lora").eval()
+    pixel_values = mixed_batch("fractional")["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, namespace["model"].eval()(pixel_values).logits)
+
+
 # ----------------------------------------------------------------------------------------------- Accelerate example
 
-# The two lines a user adds to examples/run_image_classification_no_trainer.py to fine-tune with LoRA, after the
-# model is made TL-Align's (the docs' recipe).
-LORA_LINES = """\
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]))
-"""
-
-
 def test_train_with_peft_model_in_the_accelerate_example(tmp_path, digits, tiny_checkpoint):
+    """The script with the two lines docs/compatibility_peft.md tells users to add after the model is converted."""
     source = (EXAMPLES / "run_image_classification_no_trainer.py").read_text()
     anchor = "    model.tl_align_attention_path = args.tl_align_attention_path\n"
-    assert source.count(anchor) == 1
-    (tmp_path / "lora_no_trainer.py").write_text(source.replace(anchor, anchor + LORA_LINES))
+    documented = DOCS.read_text().split("## The Accelerate example")[1].split("```python\n")[1].split("```")[0]
+    lora_lines = documented.split(anchor)[1]
+    assert source.count(anchor) == 1 and "get_peft_model(model" in lora_lines
+    (tmp_path / "lora_no_trainer.py").write_text(source.replace(anchor, anchor + lora_lines))
     spec = importlib.util.spec_from_file_location("lora_no_trainer", tmp_path / "lora_no_trainer.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
