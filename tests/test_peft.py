@@ -199,20 +199,23 @@ def test_train_with_peft_model_in_the_accelerate_example(tmp_path, digits, tiny_
     spec = importlib.util.spec_from_file_location("lora_no_trainer", tmp_path / "lora_no_trainer.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    options = {"--max_train_steps": "3", "--checkpointing_steps": "2", "--mixing_method": "cutmix"}
     output_dir = tmp_path / "out"
-    argv = run_arguments(digits, tiny_checkpoint, output_dir, {"--max_train_steps": "3", "--mixing_method": "cutmix"})
-    results = script.main(argv + ["--cpu"])
+    results = script.main(run_arguments(digits, tiny_checkpoint, output_dir, options) + ["--cpu"])
     assert results["train_steps"] == 3 and results["train_alignment_gap"] > 1e-4
     assert (output_dir / "adapter_model.safetensors").is_file() and not (output_dir / "model.safetensors").exists()
-    base = ViTForImageClassification.from_pretrained(tiny_checkpoint)
-    base_state = copy.deepcopy(base.state_dict())
-    loaded = PeftModel.from_pretrained(base, output_dir).eval()
-    unchanged_base = {
-        name: tensor for name, tensor in loaded.get_base_model().state_dict().items()
-        if "lora_" not in name and "modules_to_save" not in name and "original_module" not in name
-    }  # fmt: skip
-    for name, tensor in unchanged_base.items():
-        assert torch.equal(tensor, base_state[name.replace(".base_layer", "")]), name
+    adapter = load_file(output_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name or "classifier" in name for name in adapter)
+
+    resumed_dir = tmp_path / "resumed"  # resumed from the accelerate state at step 2: the same adapter
+    options["--resume_from_checkpoint"] = str(output_dir / "step_2")
+    script.main(run_arguments(digits, tiny_checkpoint, resumed_dir, options) + ["--cpu"])
+    resumed = load_file(resumed_dir / "adapter_model.safetensors")
+    assert set(resumed) == set(adapter)
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+    loaded = PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(tiny_checkpoint), output_dir).eval()
     pixel_values = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         with loaded.disable_adapter():
