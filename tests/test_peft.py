@@ -10,13 +10,16 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
 from tl_align_hf import TLAlignCollator, TLAlignTrainer, TLAlignViTForImageClassification, to_tl_align
+from tl_align_hf.modeling import ALIGNED_CLASSES
 
+from .test_families import _grid_batch, tiny_family_model
 from .test_no_trainer import EXAMPLES, run_arguments
 from .test_trainer import image_dataset, make_args
 from .tiny_models import mixed_batch, tiny_model
@@ -25,12 +28,11 @@ MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "compatibility_peft.md"
 
 
-def lora_model(init_lora_weights: bool = True, seed: int = 0) -> PeftModel:
-    """A tiny ViT with LoRA on the query and value projections and a fully trained classifier, in train mode.
+def with_lora(model: torch.nn.Module, init_lora_weights: bool = True, seed: int = 0) -> PeftModel:
+    """`model` with LoRA on its query and value projections and its classifier trained in full (`modules_to_save`).
 
     `init_lora_weights=False`: random LoRA B matrices, so that the adapter changes the attention from the start.
     """
-    model = tiny_model(ViTForImageClassification, "sdpa", seed=seed).train()
     torch.manual_seed(seed)
     config = LoraConfig(
         r=4,
@@ -39,6 +41,18 @@ def lora_model(init_lora_weights: bool = True, seed: int = 0) -> PeftModel:
         init_lora_weights=init_lora_weights,
     )
     return get_peft_model(model, config)
+
+
+def lora_model(init_lora_weights: bool = True) -> PeftModel:
+    """A tiny ViT (SDPA) with LoRA, in train mode."""
+    return with_lora(tiny_model(ViTForImageClassification, "sdpa").train(), init_lora_weights)
+
+
+BASE_MODELS = {  # a CLS read-out; Swin's windows and merging (module hooks); SigLIP's kwargs-dropping attention
+    "vit": lambda: tiny_model(ViTForImageClassification, "sdpa"),
+    "swin": lambda: tiny_family_model("swin", "sdpa"),
+    "siglip": lambda: tiny_family_model("siglip", "sdpa"),
+}
 
 
 def mixing(batch: dict) -> dict:
@@ -69,13 +83,14 @@ def test_to_tl_align_converts_the_base_model_of_a_peft_model_in_place():
     assert collated["token_weights"].shape == batch["token_weights"].shape
 
 
-def test_aligned_lam_of_peft_model_equals_that_of_its_merged_plain_model():
+@pytest.mark.parametrize("name", list(BASE_MODELS))
+def test_aligned_lam_of_peft_model_equals_that_of_its_merged_plain_model(name):
     """The adapter acts in the attention the shares follow: merged into plain weights, the targets are the same."""
-    peft_model = lora_model(init_lora_weights=False).eval()
+    peft_model = with_lora(BASE_MODELS[name](), init_lora_weights=False).eval()
     merged = to_tl_align(copy.deepcopy(peft_model).merge_and_unload())
     to_tl_align(peft_model)
-    assert type(merged) is TLAlignViTForImageClassification
-    batch = mixed_batch("fractional")
+    assert type(merged) in ALIGNED_CLASSES.values()
+    batch = _grid_batch(merged.config, "fractional")
     with torch.no_grad():
         peft_out = peft_model(pixel_values=batch["pixel_values"], **mixing(batch))
         merged_out = merged(pixel_values=batch["pixel_values"], **mixing(batch))
