@@ -17,6 +17,10 @@ the block and hands it to the aligner, on one of three paths:
 - ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
   whenever attention dropout is active, because the shares must not see dropout.
 
+Every path runs with every backend the parent accepts. Flex attention passes a ``BlockMask`` instead of a mask
+tensor; the eager and explicit paths, which compute the probabilities themselves, apply the element mask it stands
+for (:func:`block_mask_keep`). (On the CPU, torch runs flex attention forward only, for the parent as for us.)
+
 The aligner travels with the forward pass's ``**kwargs``, which transformers models hand down to the attention
 function. A few attention modules take the kwargs but do not pass them on (SigLIP's); :func:`pass_aligner_through`
 hooks such a module so that the aligner reaches the attention function as an attribute of the module instead.
@@ -31,8 +35,14 @@ from collections.abc import Callable
 import torch
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import is_torch_flex_attn_available
 
 from .aligner import TokenLabelAligner
+
+if is_torch_flex_attn_available():
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+else:  # torch < 2.5: no flex attention, so no block masks to meet
+    BlockMask = create_mask = None
 
 ROUTE_PREFIX = "tl_align_"
 ATTENTION_PATHS = ("auto", "eager", "value_channel", "explicit")
@@ -150,6 +160,46 @@ def choose_path(requested: str, base_implementation: str, dropout: float) -> str
     return "eager" if base_implementation == "eager" else "value_channel"
 
 
+def _listed_blocks(num_blocks: torch.Tensor, indices: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """A flex ``BlockMask``'s block lists as a dense grid: `(B, H, Q_blocks)` counts and `(B, H, Q_blocks, L)` key
+    block indices (the first `count` of each row are listed) -> `(B, H, Q_blocks, num_columns)` bool."""
+    listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks[..., None]
+    columns = torch.where(listed, indices, num_columns).long()  # unlisted entries land in an extra column, cut off
+    grid = torch.zeros(*indices.shape[:-1], num_columns + 1, dtype=torch.bool, device=indices.device)
+    return grid.scatter_(-1, columns, True)[..., :num_columns]
+
+
+def block_mask_keep(block_mask: BlockMask, query_length: int, key_length: int) -> torch.Tensor:
+    """The boolean keep-mask `(B or 1, H or 1, query_length, key_length)` that flex attention applies for
+    ``block_mask``: positions in its full blocks, and positions in its partial blocks where its ``mask_mod`` holds.
+
+    The eager and explicit paths compute the attention probabilities themselves, so they need the mask element by
+    element; flex attention (and the value channel through it) takes the ``BlockMask`` as it is.
+    """
+    batch_size, num_heads = block_mask.shape[:2]
+    query_block, key_block = block_mask.BLOCK_SIZE
+    num_columns = -(-block_mask.seq_lengths[1] // key_block)
+
+    def elements(blocks: torch.Tensor) -> torch.Tensor:  # (B, H, Q_blocks, K_blocks) -> (B, H, Q, K)
+        blocks = blocks.repeat_interleave(query_block, dim=-2).repeat_interleave(key_block, dim=-1)
+        return blocks[..., :query_length, :key_length]
+
+    device = block_mask.kv_indices.device
+    partial = elements(_listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, num_columns))
+    keep = partial & create_mask(block_mask.mask_mod, batch_size, num_heads, query_length, key_length, device)
+    if block_mask.full_kv_num_blocks is not None:
+        keep |= elements(_listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, num_columns))
+    return keep
+
+
+def element_mask(attention_mask, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """``attention_mask`` as a tensor the eager softmax can add or apply: a flex ``BlockMask`` becomes its boolean
+    keep-mask for `(B, H, N_query, N_key)` (:func:`block_mask_keep`); tensors and ``None`` are returned as they are."""
+    if BlockMask is not None and isinstance(attention_mask, BlockMask):
+        return block_mask_keep(attention_mask, query.shape[-2], key.shape[-2])
+    return attention_mask
+
+
 def additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Boolean keep-masks (SDPA style) become additive float masks (eager style)."""
     if attention_mask is None or attention_mask.dtype != torch.bool:
@@ -253,7 +303,8 @@ def attention_with_shares(
             base_function, module, query, key, value, attention_mask, shares, **call
         )
     elif path == "eager":
-        output, weights = eager_function(module, query, key, value, additive_mask(attention_mask, query.dtype), **call)
+        eager_mask = additive_mask(element_mask(attention_mask, query, key), query.dtype)
+        output, weights = eager_function(module, query, key, value, eager_mask, **call)
         attended = mean_attended_shares(weights.detach(), shares)
         if not base_is_eager:
             weights = None  # what the backend returns: no attention maps unless the user chose eager
@@ -261,7 +312,8 @@ def attention_with_shares(
         output, weights = base_function(module, query, key, value, attention_mask, **call)
         attended = None
         if not aligner.closed:  # the dropout-free probabilities are only worth computing when used
-            attended = mean_attended_shares(dropout_free_probabilities(query, key, attention_mask, scaling), shares)
+            probabilities = dropout_free_probabilities(query, key, element_mask(attention_mask, query, key), scaling)
+            attended = mean_attended_shares(probabilities, shares)
     if attended is not None:
         aligner.update(attended)  # ignored when closed
     return output, weights

@@ -16,6 +16,7 @@ mirrors the classifier's pooling, and, for Swin, how the tokens are re-arranged 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -39,6 +40,7 @@ from transformers import (
 )
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.models.swin.modeling_swin import SwinLayer, SwinStage, window_partition, window_reverse
+from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import ModelOutput
 
 from .aligner import TokenLabelAligner, validate_mixing_inputs
@@ -179,12 +181,8 @@ class TLAlignMixin:
 
     def save_pretrained(self, *args, **kwargs):
         """Save a plain transformers checkpoint: ``config.architectures`` names the parent class."""
-        aligned_class = type(self)
-        self.__class__ = self.tl_align_parent
-        try:
+        with as_parent_class(self):
             return self.save_pretrained(*args, **kwargs)
-        finally:
-            self.__class__ = aligned_class
 
     def tl_align_readout(self, shares: torch.Tensor) -> torch.Tensor:
         """`(B, N)` final token shares -> `(B,)` aligned share, pooled as the classifier pools the tokens.
@@ -250,6 +248,22 @@ class TLAlignMixin:
             fields["loss"] = mixed_batch_loss(fields, batch, label_smoothing=target_smoothing)[0]
         outputs = self.tl_align_output_class(**fields)
         return outputs if return_dict else outputs.to_tuple()
+
+
+@contextlib.contextmanager
+def as_parent_class(model: torch.nn.Module):
+    """Within the block an aligned model is an instance of its parent class (other models are left as they are),
+    so that what is saved meanwhile names the transformers class: ``config.architectures``, and the base model
+    class peft records in ``adapter_config.json``."""
+    aligned_class = type(model)
+    if not isinstance(model, TLAlignMixin):
+        yield model
+        return
+    model.__class__ = model.tl_align_parent
+    try:
+        yield model
+    finally:
+        model.__class__ = aligned_class
 
 
 class TLAlignViTForImageClassification(TLAlignMixin, ViTForImageClassification):
@@ -483,11 +497,17 @@ ALIGNED_CLASSES: dict[type[PreTrainedModel], type[TLAlignMixin]] = {
 def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
     """Turn a loaded model of a supported class into its aligned subclass, in place; return it.
 
-    Works on models from ``AutoModelForImageClassification.from_pretrained(...)``. No weights change.
+    Works on models from ``AutoModelForImageClassification.from_pretrained(...)``, and on peft models of them
+    (``get_peft_model(model, LoraConfig(...))``): the base model inside is converted, adapters and all, and the
+    ``PeftModel`` is returned; its forward hands the mixing arguments on to the base model. No weights change.
 
     Raises:
         ValueError: the model's class is not supported (nothing is changed).
     """
+    peft_base = unwrap_peft_model(model)  # the transformers model inside a PeftModel (as peft finds it), else model
+    if peft_base is not model:
+        to_tl_align(peft_base)
+        return model
     if isinstance(model, TLAlignMixin):
         return model
     aligned_class = ALIGNED_CLASSES.get(type(model))

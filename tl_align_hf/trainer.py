@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 from transformers import DefaultDataCollator, Trainer, TrainerCallback, TrainingArguments, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
 from transformers.utils import logging
 
 from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable, training_settings
@@ -21,7 +21,7 @@ from .losses import alignment_metrics, mixed_batch_loss
 from .metrics import compute_accuracy_metrics
 from .mixer import MIXING_KEYS
 from .model_card import tl_align_model_card
-from .modeling import TLAlignMixin, to_tl_align
+from .modeling import TLAlignMixin, as_parent_class, to_tl_align
 
 logger = logging.get_logger(__name__)
 
@@ -101,7 +101,7 @@ class TLAlignTrainer(Trainer):
         if args.should_save:
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
-        model.tl_align_attention_path = args.tl_align_attention_path
+        unwrap_peft_model(model).tl_align_attention_path = args.tl_align_attention_path  # the aligned model
         if data_collator is None:
             data_collator = TLAlignCollator.from_model(model, args, seed=args.seed, rank=args.process_index)
         super().__init__(
@@ -253,16 +253,29 @@ class TLAlignTrainer(Trainer):
             finally:
                 self._staging_dir = None
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Trainer's save, with the aligned model as its parent class meanwhile: a peft model's adapter_config.json
+        then records the transformers class as its base model class (`auto_mapping`), as for an unaligned model."""
+        with as_parent_class(unwrap_peft_model(self.model)):
+            super()._save(output_dir, state_dict)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Load weights the way `from_pretrained` does, with its key conversion (transformers issue 43701)."""
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        """Load weights the way `from_pretrained` does, with its key conversion (transformers issue 43701); peft
+        adapters as Trainer loads them (`load_adapter`)."""
+        model = model if model is not None else self.model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self._is_peft(model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_converted_weights(resume_from_checkpoint, model if model is not None else self.model)
+        self._load_converted_weights(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self._is_peft(self.model):
             return super()._load_best_model()
         self._load_converted_weights(self.state.best_model_checkpoint, self.model)
+
+    def _is_peft(self, model) -> bool:
+        """Whether `model` (possibly wrapped by accelerate) is a peft model, whose checkpoints hold only adapters."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrap_peft_model(unwrapped) is not unwrapped
 
     def _load_converted_weights(self, checkpoint: str, model) -> None:
         """Copy the weights of a saved checkpoint into `model`; every key must match."""
