@@ -20,6 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
@@ -60,19 +61,38 @@ def disk_full_error(error: BaseException, folder: str, name: str, previous: str 
     )
 
 
+def check_one_run_per_launch(args) -> None:
+    """Raise a ValueError when a launcher started several processes (`WORLD_SIZE` > 1) but transformers set each up
+    as a separate single-process run (on a machine without GPUs unless `use_cpu`): each would train the same model
+    alone and write the same `output_dir`, their checkpoints overwriting each other's."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}), but transformers set each up as a "
+            "separate single-process run (it found no GPU and use_cpu is False): every process would train the same "
+            "model alone and write the same output_dir. Pass --use_cpu (use_cpu=True) to train on the CPU with "
+            f"{launched} processes, or launch a single process."
+        )
+
+
 @contextlib.contextmanager
 def atomic_checkpoint_save(trainer, run_dir: str):
-    """Around `Trainer._save_checkpoint`: while it runs, `trainer._get_output_dir` must return the staging folder
-    this yields (`TLAlignTrainer` does); afterwards `checkpoint-N` is renamed from there into `run_dir`, the best
-    checkpoint's path is corrected, and old checkpoints are rotated as transformers would have.
+    """Around `Trainer._save_checkpoint`, on every process: while it runs, `trainer._get_output_dir` must return the
+    staging folder this yields (`TLAlignTrainer` does); when every process has written its part, `checkpoint-N` is
+    renamed from there into `run_dir`, the best checkpoint's path is corrected on every process, and old
+    checkpoints are rotated as transformers would have.
 
-    A full disk while saving raises an OSError (ENOSPC) that names the folder and the previous, intact checkpoint.
+    Every process writes into the checkpoint (its RNG state; the weights, optimizer and trainer state come from the
+    main process), so all of them wait for the others before the first write (a leftover of a killed run is removed
+    first) and before the rename. A full disk while saving raises an OSError (ENOSPC) that names the folder and the
+    previous, intact checkpoint.
     """
     name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
     staging_root = os.path.join(run_dir, STAGING_DIR)
     staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
     if trainer.args.should_save:
         shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()  # no process writes into `staged` before the leftover is gone
     try:
         yield staging_root
     except (OSError, RuntimeError) as error:
@@ -81,15 +101,19 @@ def atomic_checkpoint_save(trainer, run_dir: str):
             raise
         shutil.rmtree(staged, ignore_errors=True)
         raise full from error
-    trainer.accelerator.wait_for_everyone()  # every process has written its part (RNG states) into `staged`
+    trainer.accelerator.wait_for_everyone()  # every process has written its part into `staged`
+    best_is_this_one = trainer.state.best_model_checkpoint == staged  # transformers points it where it saved
+    if best_is_this_one:
+        trainer.state.best_model_checkpoint = final
     if trainer.args.should_save:
-        if trainer.state.best_model_checkpoint == os.path.join(staging_root, name):
-            trainer.state.best_model_checkpoint = final
-            trainer.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        if best_is_this_one:
+            trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staged, final)
+        with contextlib.suppress(OSError):
+            os.rmdir(staging_root)  # when no other save is under way
         rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True)
-    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()  # `checkpoint-N` is in place before any process goes on
 
 
 def training_settings(mixing, tl_align: bool, label_smoothing: float) -> dict[str, Any]:

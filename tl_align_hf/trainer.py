@@ -11,7 +11,7 @@ from transformers import DefaultDataCollator, Trainer, TrainerCallback, Training
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable, training_settings
+from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_one_run_per_launch, check_writable, training_settings
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
 from .data import set_train_epoch
@@ -100,6 +100,7 @@ class TLAlignTrainer(Trainer):
                 f"{args.mixing_method!r} would be silently ignored. Leave data_collator unset (TLAlignTrainer builds a "
                 "TLAlignCollator), or pass TLAlignCollator.from_model(model, args)."
             )
+        check_one_run_per_launch(args)
         if args.should_save:
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
