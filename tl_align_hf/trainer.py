@@ -11,7 +11,13 @@ from transformers import DefaultDataCollator, Trainer, TrainerCallback, Training
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_one_run_per_launch, check_writable, training_settings
+from .checkpoints import (
+    TrainingRecord,
+    atomic_checkpoint_save,
+    check_one_run_per_launch,
+    check_writable,
+    training_settings,
+)
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
 from .data import set_train_epoch
