@@ -145,8 +145,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(command: list[str], cwd: Path, **environment_variables: str) -> subprocess.CompletedProcess:
-    """Run a launcher; fail the test with the end of its output when it fails."""
+def launch(command: list[str], cwd: Path, succeed: bool = True, **environment_variables: str) -> subprocess.CompletedProcess:
+    """Run a launcher; fail the test with the end of its output when it fails (when it succeeds, with `succeed`
+    False)."""
     environment = dict(
         os.environ,
         **environment_variables,
@@ -158,23 +159,23 @@ def launch(command: list[str], cwd: Path, **environment_variables: str) -> subpr
     result = subprocess.run(
         command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
     )
-    assert result.returncode == 0, (
-        f"{' '.join(command[:6])} ... failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert (result.returncode == 0) == succeed, (
+        f"{' '.join(command[:6])} ... {'failed' if succeed else 'did not fail'}:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     )
     return result
 
 
-def torchrun(script: Path, *args: str, cwd: Path, **environment_variables: str) -> subprocess.CompletedProcess:
+def torchrun(script: Path, *args: str, cwd: Path, **launch_options) -> subprocess.CompletedProcess:
     port = str(free_port())
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={NUM_PROCESSES}"]
-    return launch(command + ["--master_port", port, str(script), *args], cwd, **environment_variables)
+    return launch(command + ["--master_port", port, str(script), *args], cwd, **launch_options)
 
 
-def accelerate_launch(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def accelerate_launch(script: Path, *args: str, cwd: Path, **launch_options) -> subprocess.CompletedProcess:
     port = str(free_port())
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
     command += ["--num_processes", str(NUM_PROCESSES), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return launch(command + ["--main_process_port", port, str(script), *args], cwd)
+    return launch(command + ["--main_process_port", port, str(script), *args], cwd, **launch_options)
 
 
 def saved_weights_digest(output_dir: Path) -> str:
@@ -287,6 +288,21 @@ def test_a_two_process_resume_from_the_last_checkpoint_equals_the_uninterrupted_
     assert f"resuming training at {resumed / 'checkpoint-2'}" in result.stdout + result.stderr
     assert saved_weights_digest(resumed) == saved_weights_digest(uninterrupted)  # bit-identical weights
     assert saved_weights_digest(resumed) != saved_weights_digest(resumed / "checkpoint-2")  # steps 3 and 4 trained
+
+
+@pytest.mark.parametrize("example", ["run_image_classification", "run_image_classification_no_trainer"])
+def test_processes_that_would_each_train_alone_are_refused_before_training(digits, tiny_checkpoint, tmp_path, example):
+    """On a machine without GPUs, each process of a launch without the CPU option is a separate single-process
+    run: the scripts stop before training and say which option makes it one run of two processes."""
+    argv = run_arguments(digits, tiny_checkpoint, tmp_path / "out", {"--max_train_samples": "8"})
+    if example == "run_image_classification":
+        result = torchrun(EXAMPLES / f"{example}.py", *argv, "--do_train", "--use_cpu", "False", cwd=ROOT, succeed=False)
+        option = "--use_cpu"
+    else:
+        result = accelerate_launch(EXAMPLES / f"{example}.py", *argv, cwd=ROOT, succeed=False)
+        option = "--cpu"
+    assert "The launcher started 2 processes (WORLD_SIZE=2), but each was set up as a separate" in result.stderr
+    assert f"Pass {option} " in result.stderr and not (tmp_path / "out" / "checkpoint-1").exists()
 
 
 def test_no_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path):

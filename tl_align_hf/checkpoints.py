@@ -61,17 +61,18 @@ def disk_full_error(error: BaseException, folder: str, name: str, previous: str 
     )
 
 
-def check_one_run_per_launch(args) -> None:
-    """Raise a ValueError when a launcher started several processes (`WORLD_SIZE` > 1) but transformers set each up
-    as a separate single-process run (on a machine without GPUs unless `use_cpu`): each would train the same model
-    alone and write the same `output_dir`, their checkpoints overwriting each other's."""
+def check_one_run_per_launch(num_processes: int, cpu_option: str = "--use_cpu (use_cpu=True)") -> None:
+    """Raise a ValueError when a launcher (torchrun, accelerate launch) started several processes (`WORLD_SIZE` > 1)
+    but each was set up as a separate single-process run (`num_processes` 1: on a machine without GPUs, unless told
+    to use the CPU): each would train the same model alone and write the same output_dir, their checkpoints
+    overwriting each other's. `cpu_option` names the option that fixes it."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size == 1:
+    if launched > 1 and num_processes == 1:
         raise ValueError(
-            f"The launcher started {launched} processes (WORLD_SIZE={launched}), but transformers set each up as a "
-            "separate single-process run (it found no GPU and use_cpu is False): every process would train the same "
-            "model alone and write the same output_dir. Pass --use_cpu (use_cpu=True) to train on the CPU with "
-            f"{launched} processes, or launch a single process."
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}), but each was set up as a separate "
+            "single-process run (no GPU was found and the CPU was not asked for): every process would train the same "
+            f"model alone and write the same output_dir. Pass {cpu_option} to train on the CPU with {launched} "
+            "processes, or launch a single process."
         )
 
 

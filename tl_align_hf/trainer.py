@@ -106,7 +106,7 @@ class TLAlignTrainer(Trainer):
                 f"{args.mixing_method!r} would be silently ignored. Leave data_collator unset (TLAlignTrainer builds a "
                 "TLAlignCollator), or pass TLAlignCollator.from_model(model, args)."
             )
-        check_one_run_per_launch(args)
+        check_one_run_per_launch(args.world_size)
         if args.should_save:
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
