@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     card_kwargs = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
-        "dataset": data_args.dataset_name or ("sklearn-digits" if data_args.use_digits else None),
+        "dataset": data_args.dataset_name or ("scikit-learn digits" if data_args.use_digits else None),
         "tags": ["image-classification", "vision"],
     }
     if training_args.push_to_hub:

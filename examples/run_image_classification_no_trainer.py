@@ -58,7 +58,13 @@ from tl_align_hf import (
     to_tl_align,
 )
 from tl_align_hf.attention import ATTENTION_PATHS
-from tl_align_hf.checkpoints import LoopRecord, check_writable, disk_full_error, training_settings
+from tl_align_hf.checkpoints import (
+    LoopRecord,
+    check_one_run_per_launch,
+    check_writable,
+    disk_full_error,
+    training_settings,
+)
 from tl_align_hf.data import (
     AUGMENTATIONS,
     DEIT_RECIPE,
@@ -206,6 +212,7 @@ def main(argv=None):
         project_config=ProjectConfiguration(project_dir=args.output_dir or ".", logging_dir=args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_one_run_per_launch(accelerator.num_processes, cpu_option="--cpu")
     # Make one log on every process with the configuration for debugging.
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -503,7 +510,7 @@ def main(argv=None):
             card = model_card(
                 model_class_name=type(unwrapped_model).__name__,
                 finetuned_from=args.model_name_or_path,
-                dataset=args.dataset_name or ("sklearn-digits" if args.use_digits else None),
+                dataset=args.dataset_name or ("scikit-learn digits" if args.use_digits else None),
                 mixing={key: value for key, value in trained.items() if key not in ("tl_align", "label_smoothing")},
                 tl_align=trained["tl_align"],
                 label_smoothing=trained["label_smoothing"],

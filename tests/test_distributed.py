@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import ViTForImageClassification
 
 from tl_align_hf import MixingSettings, TLAlignCollator, TLAlignMixer, mixed_batch_loss, to_tl_align
+from tl_align_hf.checkpoints import STAGING_DIR
 from tl_align_hf.data import load_image_dataset
 
 from .test_no_trainer import EXAMPLES, load_example, run_arguments
@@ -47,16 +50,22 @@ def _recording(original):
 # dumps this process's final weights digest, its metrics, the evaluated labels and the logged losses.
 TRAINER_RUN = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, sys, time
     import numpy as np
     sys.path.insert(0, {examples!r})
     import run_image_classification as script
     import tl_align_hf.trainer
+    from transformers import TrainerCallback
     from tests.tiny_models import weights_digest
     from tl_align_hf import TLAlignTrainer
     from tl_align_hf.metrics import compute_accuracy_metrics
     {record}
     tl_align_hf.trainer.mixed_batch_loss = _recording(tl_align_hf.trainer.mixed_batch_loss)
+
+    class LateAfterEveryLog(TrainerCallback):
+        # Keeps this process behind the others from the step's log (its last collective) to the save.
+        def on_log(self, args, state, control, **kwargs):
+            time.sleep(0.5)
 
     class RecordingTrainer(TLAlignTrainer):
         instance, evaluated_labels = None, []
@@ -64,6 +73,8 @@ TRAINER_RUN = textwrap.dedent(
         def __init__(self, *args, **kwargs):
             super().__init__(*args, compute_metrics=self.record, **kwargs)
             RecordingTrainer.instance = self
+            if os.environ.get("LATE_RANK") == str(self.args.process_index):
+                self.add_callback(LateAfterEveryLog())
 
         def record(self, prediction):
             RecordingTrainer.evaluated_labels.append(np.asarray(prediction.label_ids).tolist())
@@ -76,6 +87,7 @@ TRAINER_RUN = textwrap.dedent(
     with open(os.path.join(output, f"rank_{{trainer.args.process_index}}.json"), "w") as file:
         json.dump({{
             "world_size": trainer.args.world_size,
+            "best_model_checkpoint": trainer.state.best_model_checkpoint,
             "weights": weights_digest(trainer.accelerator.unwrap_model(trainer.model)),
             "metrics": metrics,
             "evaluated_labels": RecordingTrainer.evaluated_labels,
@@ -133,10 +145,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run a launcher; fail the test with the end of its output when it fails."""
+def launch(command: list[str], cwd: Path, succeed: bool = True, **environment_variables: str) -> subprocess.CompletedProcess:
+    """Run a launcher; fail the test with the end of its output when it fails (when it succeeds, with `succeed`
+    False)."""
     environment = dict(
         os.environ,
+        **environment_variables,
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         HF_HUB_DISABLE_TELEMETRY="1",
@@ -145,23 +159,23 @@ def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(
         command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
     )
-    assert result.returncode == 0, (
-        f"{' '.join(command[:6])} ... failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert (result.returncode == 0) == succeed, (
+        f"{' '.join(command[:6])} ... {'failed' if succeed else 'did not fail'}:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     )
     return result
 
 
-def torchrun(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(script: Path, *args: str, cwd: Path, **launch_options) -> subprocess.CompletedProcess:
     port = str(free_port())
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={NUM_PROCESSES}"]
-    return launch(command + ["--master_port", port, str(script), *args], cwd)
+    return launch(command + ["--master_port", port, str(script), *args], cwd, **launch_options)
 
 
-def accelerate_launch(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def accelerate_launch(script: Path, *args: str, cwd: Path, **launch_options) -> subprocess.CompletedProcess:
     port = str(free_port())
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
     command += ["--num_processes", str(NUM_PROCESSES), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return launch(command + ["--main_process_port", port, str(script), *args], cwd)
+    return launch(command + ["--main_process_port", port, str(script), *args], cwd, **launch_options)
 
 
 def saved_weights_digest(output_dir: Path) -> str:
@@ -190,16 +204,28 @@ def validation_labels(digits: Path, seed: int = 0) -> list[int]:
 # ----------------------------------------------------------------------------------------------- example scripts
 
 
+def trainer_example_argv(digits: Path, checkpoint: Path, output_dir: Path, options: dict[str, str]) -> list[str]:
+    """Arguments of a short two-process run of the Trainer example (training and evaluation) on the tiny model."""
+    options = {"--report_to": "none", "--dataloader_num_workers": "0", **options}
+    return run_arguments(digits, checkpoint, output_dir, options) + ["--do_train", "--do_eval", "--use_cpu"]
+
+
+def run_trainer_example(
+    digits: Path, checkpoint: Path, folder: Path, options: dict[str, str], late_rank: int | None = None
+) -> list[dict]:
+    """The Trainer example under torchrun with 2 processes, writing to `folder / "out"`; what each process saw
+    (`TRAINER_RUN`). `late_rank`: that process sleeps after every log, so it reaches each save after the other."""
+    argv = trainer_example_argv(digits, checkpoint, folder / "out", options)
+    script = folder / "trainer_run.py"
+    script.write_text(TRAINER_RUN.format(examples=str(EXAMPLES), record=RECORD_ALIGNMENT_SUMS))
+    torchrun(script, str(folder), *argv, cwd=ROOT, LATE_RANK="" if late_rank is None else str(late_rank))
+    return [json.loads((folder / f"rank_{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
+
+
 def test_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path):
     output_dir = tmp_path / "out"
-    options = {"--max_steps": "4", "--save_strategy": "no", "--report_to": "none", "--dataloader_num_workers": "0"}
-    argv = run_arguments(digits, tiny_checkpoint, output_dir, options) + ["--do_train", "--do_eval", "--use_cpu"]
-    script = tmp_path / "trainer_run.py"
-    script.write_text(TRAINER_RUN.format(examples=str(EXAMPLES), record=RECORD_ALIGNMENT_SUMS))
+    ranks = run_trainer_example(digits, tiny_checkpoint, tmp_path, {"--max_steps": "4", "--save_strategy": "no"})
 
-    torchrun(script, str(tmp_path), *argv, cwd=ROOT)
-
-    ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
     assert [rank["world_size"] for rank in ranks] == [NUM_PROCESSES] * NUM_PROCESSES
     assert ranks[0]["weights"] == ranks[1]["weights"] == saved_weights_digest(output_dir)
     train_logs = [entry for entry in ranks[0]["log_history"] if "loss" in entry]
@@ -210,6 +236,73 @@ def test_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path):
         (evaluated,) = rank["evaluated_labels"]  # one evaluation, on all processes' gathered predictions
         assert sorted(evaluated) == expected_labels  # every validation image exactly once
     assert 0.0 <= ranks[0]["metrics"]["eval_accuracy"] <= 1.0
+
+
+# A whole Trainer checkpoint of a two-process run: each process's RNG state and the main process's files.
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                    "training_args.bin", "preprocessor_config.json", "rng_state_0.pth", "rng_state_1.pth"}  # fmt: skip
+EVERY_STEP = {"--max_steps": "4", "--save_strategy": "steps", "--save_steps": "1"}
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    return sorted(int(path.name.split("-")[1]) for path in output_dir.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("late_rank", [None, 0, 1], ids=["together", "main-process-late", "other-process-late"])
+def test_two_processes_saving_every_step_finish_with_every_checkpoint_whole(digits, tiny_checkpoint, tmp_path, late_rank):
+    output_dir = tmp_path / "out"
+    ranks = run_trainer_example(digits, tiny_checkpoint, tmp_path, EVERY_STEP, late_rank=late_rank)
+
+    assert checkpoint_steps(output_dir) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert {path.name for path in (output_dir / f"checkpoint-{step}").iterdir()} == CHECKPOINT_FILES, step
+    assert not (output_dir / STAGING_DIR).exists()
+    assert saved_weights_digest(output_dir / "checkpoint-4") == saved_weights_digest(output_dir) == ranks[1]["weights"]
+
+
+def test_two_processes_load_the_best_checkpoint_at_the_end(digits, tiny_checkpoint, tmp_path):
+    output_dir = tmp_path / "out"
+    options = {**EVERY_STEP, "--eval_strategy": "steps", "--eval_steps": "1", "--load_best_model_at_end": "True",
+               "--metric_for_best_model": "accuracy", "--save_total_limit": "2"}  # fmt: skip
+    ranks = run_trainer_example(digits, tiny_checkpoint, tmp_path, options)
+
+    accuracies = [entry["eval_accuracy"] for entry in ranks[0]["log_history"] if "eval_accuracy" in entry][:4]
+    best = output_dir / f"checkpoint-{accuracies.index(max(accuracies)) + 1}"  # the first step with the best accuracy
+    assert [rank["best_model_checkpoint"] for rank in ranks] == [str(best)] * NUM_PROCESSES
+    assert json.loads((best / "trainer_state.json").read_text())["best_model_checkpoint"] == str(best)
+    assert {path.name for path in best.iterdir()} == CHECKPOINT_FILES
+    assert len(checkpoint_steps(output_dir)) == 2 and 4 in checkpoint_steps(output_dir)  # the best and the last
+    assert ranks[0]["weights"] == ranks[1]["weights"] == saved_weights_digest(output_dir) == saved_weights_digest(best)
+
+
+def test_a_two_process_resume_from_the_last_checkpoint_equals_the_uninterrupted_run(digits, tiny_checkpoint, tmp_path):
+    options = {"--max_steps": "4", "--save_strategy": "steps", "--save_steps": "2", "--mixing_method": "cutmix"}
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    script = EXAMPLES / "run_image_classification.py"
+    torchrun(script, *trainer_example_argv(digits, tiny_checkpoint, uninterrupted, options), cwd=ROOT)
+    resumed.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")  # a run stopped after checkpoint-2
+
+    result = torchrun(script, *trainer_example_argv(digits, tiny_checkpoint, resumed, options), cwd=ROOT)
+
+    assert f"resuming training at {resumed / 'checkpoint-2'}" in result.stdout + result.stderr
+    assert saved_weights_digest(resumed) == saved_weights_digest(uninterrupted)  # bit-identical weights
+    assert saved_weights_digest(resumed) != saved_weights_digest(resumed / "checkpoint-2")  # steps 3 and 4 trained
+
+
+@pytest.mark.parametrize("example", ["run_image_classification", "run_image_classification_no_trainer"])
+def test_processes_that_would_each_train_alone_are_refused_before_training(digits, tiny_checkpoint, tmp_path, example):
+    """On a machine without GPUs, each process of a launch without the CPU option is a separate single-process
+    run: the scripts stop before training and say which option makes it one run of two processes."""
+    argv = run_arguments(digits, tiny_checkpoint, tmp_path / "out", {"--max_train_samples": "8"})
+    if example == "run_image_classification":
+        result = torchrun(EXAMPLES / f"{example}.py", *argv, "--do_train", "--use_cpu", "False", cwd=ROOT, succeed=False)
+        option = "--use_cpu"
+    else:
+        result = accelerate_launch(EXAMPLES / f"{example}.py", *argv, cwd=ROOT, succeed=False)
+        option = "--cpu"
+    assert "The launcher started 2 processes (WORLD_SIZE=2), but each was set up as a separate" in result.stderr
+    assert f"Pass {option} " in result.stderr and not (tmp_path / "out" / "checkpoint-1").exists()
 
 
 def test_no_trainer_script_with_two_processes(digits, tiny_checkpoint, tmp_path):

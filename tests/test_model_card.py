@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments, ViTForImageClassification
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, push_checkpoint_to_hub
 from tl_align_hf.model_card import model_card, tl_align_model_card
 
+from .test_no_trainer import load_example
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, tiny_model
 
 BASE_MODEL = "google/vit-base-patch16-224-in21k"
@@ -171,3 +172,74 @@ def test_raises_error_when_overrides_are_invalid(tl_align_trainer, overrides, me
 def test_raises_error_when_repo_id_is_invalid(tmp_path, repo_id):
     with pytest.raises(ValueError, match="`repo_id` must be a Hub repo id"):
         push_checkpoint_to_hub(tmp_path, repo_id)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation-only runs
+
+
+def example_argv(digits, output_dir, model: str, *extra: str) -> list[str]:
+    """The Trainer example on the digits fixture, with `model`'s weights; evaluation only unless `extra` trains."""
+    return [
+        "--model_name_or_path", str(model), "--train_dir", str(digits / "train"),
+        "--validation_dir", str(digits / "validation"), "--output_dir", str(output_dir), "--do_eval",
+        "--max_eval_samples", "16", "--per_device_eval_batch_size", "8", "--report_to", "none", "--use_cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_card_of_an_evaluation_only_run_describes_the_training_of_the_weights(digits, tiny_checkpoint, tmp_path):
+    example = load_example("run_image_classification")
+    trained = tmp_path / "trained"
+    example.main(example_argv(
+        digits, trained, tiny_checkpoint, "--do_train", "--max_steps", "2", "--per_device_train_batch_size", "8",
+        "--max_train_samples", "16", "--learning_rate", "1e-3", "--mixing_method", "mixup", "--mixup_alpha", "0.8",
+        "--label_smoothing", "0.2", "--save_strategy", "no",
+    ))  # fmt: skip
+    (trained / "README.md").unlink()
+
+    metrics = example.main(example_argv(digits, trained, trained))  # lr 5e-5, 3 epochs, token_cutmix: not used
+
+    card = ModelCard.load(trained / "README.md")
+    hyperparameters = section(card, "### Training hyperparameters")
+    assert "- learning_rate: 0.001\n" in hyperparameters and "- training_steps: 2\n" in hyperparameters
+    assert "5e-05" not in card.text and "num_epochs" not in card.text
+    settings = section(card, "### TL-Align and mixing settings")
+    assert "| mixing_method | `mixup`: Mixup" in settings and "| label smoothing | 0.2 |" in settings
+    assert "token_cutmix" not in settings
+    assert f"fine-tuned from `{tiny_checkpoint}` on `imagefolder`" in card.text  # the base, not the trained folder
+    assert [result.metric_value for result in card.data.eval_results][0] == metrics["eval_accuracy"]  # this run's
+    assert "huggingface.co/datasets" not in card.text and card.data.datasets is None
+    assert "tl-align" in card.data.tags
+
+
+def test_card_of_an_evaluation_only_run_without_a_training_record_claims_no_training(digits, tiny_checkpoint, tmp_path):
+    example = load_example("run_image_classification")
+    output_dir = tmp_path / "evaluated"
+
+    example.main(example_argv(digits, output_dir, tiny_checkpoint))
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert "was not recorded with them, so this card lists no training settings" in card.text
+    assert "Not recorded" in section(card, "### TL-Align and mixing settings")
+    assert "No training hyperparameters were recorded." in section(card, "### Training hyperparameters")
+    assert "learning_rate" not in card.text and "mixing_method" not in card.text and "fine-tuned" not in card.text
+    assert "tl-align" not in card.data.tags and card.data.base_model is None
+    assert "accuracy |" in section(card, "## Evaluation results")
+
+
+def test_card_links_only_hub_datasets(tmp_path):
+    card = model_card(
+        model_class_name="TLAlignViTForImageClassification",
+        mixing={"mixing_method": "cutmix"},
+        tl_align=True,
+        label_smoothing=0.0,
+        dataset=["imagefolder", str(tmp_path), "scikit-learn digits", "beans"],
+        eval_results={"eval_accuracy": 0.5},
+    )
+
+    assert card.data.datasets == ["beans"]
+    assert "[`beans`](https://huggingface.co/datasets/beans)" in card.text
+    assert card.text.count("https://huggingface.co/datasets/") == 1
+    assert f"`imagefolder` and `{tmp_path}` and `scikit-learn digits` and [`beans`]" in card.text
+    with_local_tag = model_card(model_class_name="ViTForImageClassification", mixing={}, tl_align=False,
+                                label_smoothing=0.0, dataset="digits", dataset_tags="imagefolder")  # fmt: skip
+    assert with_local_tag.data.datasets is None and "huggingface.co/datasets" not in with_local_tag.text

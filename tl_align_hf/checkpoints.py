@@ -1,12 +1,15 @@
 """What keeps a TL-Align run from being lost or silently wrong across saves and resumes.
 
 - :func:`atomic_checkpoint_save`: a Trainer checkpoint is written into a staging folder and renamed into place when
-  complete, so `checkpoint-N` folders are always whole (transformers' `get_last_checkpoint` only sees those), and a
-  kill or a full disk at any moment of a save leaves the previous checkpoint as it was.
-- :class:`TrainingRecord`: the settings the weights are trained with (mixing, TL-Align, label smoothing, number of
-  processes), saved in every checkpoint's `trainer_state.json`, so that a resume with other settings is refused before
-  it trains, a resume with nothing left to do says so, and the model card describes what the weights were trained with.
-  It keeps no reference to the trainer, so transformers' `restore_callback_states_from_checkpoint` can rebuild it.
+  complete, once every process has written its part, so `checkpoint-N` folders are always whole (transformers 5.25
+  writes checkpoints in place, and its `get_last_checkpoint` takes any `checkpoint-N` folder), and a kill or a full
+  disk at any moment of a save leaves the previous checkpoint as it was. :func:`check_one_run_per_launch` refuses
+  launches whose processes would each train alone into the same output_dir.
+- :class:`TrainingRecord`: what the weights are trained with (mixing, TL-Align, label smoothing, number of processes,
+  hyperparameters, base model), saved in every checkpoint's `trainer_state.json`, so that a resume with other
+  settings is refused before it trains, a resume with nothing left to do says so, and the model card describes what
+  the weights were trained with, also when it is made later without training (:func:`recorded_training`). It keeps
+  no reference to the trainer, so transformers' `restore_callback_states_from_checkpoint` can rebuild it.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import errno
 import os
 import shutil
 import tempfile
+import types
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.modelcard import extract_hyperparameters_from_trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
@@ -60,19 +66,39 @@ def disk_full_error(error: BaseException, folder: str, name: str, previous: str 
     )
 
 
+def check_one_run_per_launch(num_processes: int, cpu_option: str = "--use_cpu (use_cpu=True)") -> None:
+    """Raise a ValueError when a launcher (torchrun, accelerate launch) started several processes (`WORLD_SIZE` > 1)
+    but each was set up as a separate single-process run (`num_processes` 1: on a machine without GPUs, unless told
+    to use the CPU): each would train the same model alone and write the same output_dir, their checkpoints
+    overwriting each other's. `cpu_option` names the option that fixes it."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes == 1:
+        raise ValueError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}), but each was set up as a separate "
+            "single-process run (no GPU was found and the CPU was not asked for): every process would train the same "
+            f"model alone and write the same output_dir. Pass {cpu_option} to train on the CPU with {launched} "
+            "processes, or launch a single process."
+        )
+
+
 @contextlib.contextmanager
 def atomic_checkpoint_save(trainer, run_dir: str):
-    """Around `Trainer._save_checkpoint`: while it runs, `trainer._get_output_dir` must return the staging folder
-    this yields (`TLAlignTrainer` does); afterwards `checkpoint-N` is renamed from there into `run_dir`, the best
-    checkpoint's path is corrected, and old checkpoints are rotated as transformers would have.
+    """Around `Trainer._save_checkpoint`, on every process: while it runs, `trainer._get_output_dir` must return the
+    staging folder this yields (`TLAlignTrainer` does); when every process has written its part, `checkpoint-N` is
+    renamed from there into `run_dir`, the best checkpoint's path is corrected on every process, and old
+    checkpoints are rotated as transformers would have.
 
-    A full disk while saving raises an OSError (ENOSPC) that names the folder and the previous, intact checkpoint.
+    Every process writes into the checkpoint (its RNG state; the weights, optimizer and trainer state come from the
+    main process), so all of them wait for the others before the first write (a leftover of a killed run is removed
+    first) and before the rename. A full disk while saving raises an OSError (ENOSPC) that names the folder and the
+    previous, intact checkpoint.
     """
     name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
     staging_root = os.path.join(run_dir, STAGING_DIR)
     staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
     if trainer.args.should_save:
         shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()  # no process writes into `staged` before the leftover is gone
     try:
         yield staging_root
     except (OSError, RuntimeError) as error:
@@ -81,15 +107,19 @@ def atomic_checkpoint_save(trainer, run_dir: str):
             raise
         shutil.rmtree(staged, ignore_errors=True)
         raise full from error
-    trainer.accelerator.wait_for_everyone()  # every process has written its part (RNG states) into `staged`
+    trainer.accelerator.wait_for_everyone()  # every process has written its part into `staged`
+    best_is_this_one = trainer.state.best_model_checkpoint == staged  # transformers points it where it saved
+    if best_is_this_one:
+        trainer.state.best_model_checkpoint = final
     if trainer.args.should_save:
-        if trainer.state.best_model_checkpoint == os.path.join(staging_root, name):
-            trainer.state.best_model_checkpoint = final
-            trainer.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        if best_is_this_one:
+            trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staged, final)
+        with contextlib.suppress(OSError):
+            os.rmdir(staging_root)  # when no other save is under way
         rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True)
-    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()  # `checkpoint-N` is in place before any process goes on
 
 
 def training_settings(mixing, tl_align: bool, label_smoothing: float) -> dict[str, Any]:
@@ -137,31 +167,74 @@ def check_resumed_settings(
     return current
 
 
-class TrainingRecord(TrainerCallback, ExportableState):
-    """The settings the weights are trained with, kept in each checkpoint's `trainer_state.json` (see
-    :func:`check_resumed_settings`, which :meth:`on_train_begin` applies when a run resumes from a checkpoint).
+def training_hyperparameters(args) -> dict[str, Any]:
+    """The hyperparameters of training with `args` as transformers' model card lists them (learning rate, batch
+    sizes, seed, optimizer, scheduler, epochs or steps: `transformers.modelcard.extract_hyperparameters_from_trainer`,
+    which reads only the trainer's `args`)."""
+    return extract_hyperparameters_from_trainer(types.SimpleNamespace(args=args))
 
-    `settings` holds the mixing settings, `tl_align` and `label_smoothing`, `num_processes` the number of processes.
-    It keeps no reference to the trainer, so transformers' `restore_callback_states_from_checkpoint` can rebuild it.
+
+class TrainingRecord(TrainerCallback, ExportableState):
+    """What the weights are trained with, kept in each checkpoint's `trainer_state.json` (and in the one
+    `Trainer.save_state` writes next to the final model), so that a resume with other settings is refused (see
+    :func:`check_resumed_settings`, which :meth:`on_train_begin` applies when a run resumes from a checkpoint) and a
+    model card made later, without training, describes the training (:func:`recorded_training`).
+
+    All `None` until training begins. `settings` holds the mixing settings, `tl_align` and `label_smoothing`;
+    `num_processes` the number of processes; `hyperparameters` those of transformers' model card
+    (:func:`training_hyperparameters`); `base_model` the `name_or_path` of the model training started from. It keeps
+    no reference to the trainer, so transformers' `restore_callback_states_from_checkpoint` can rebuild it.
     """
 
-    def __init__(self, settings: dict[str, Any] | None = None, num_processes: int | None = None):
+    def __init__(
+        self,
+        settings: dict[str, Any] | None = None,
+        num_processes: int | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        base_model: str | None = None,
+    ):
         self.settings, self.num_processes = settings, num_processes
+        self.hyperparameters, self.base_model = hyperparameters, base_model
 
     def state(self) -> dict:
-        return {"args": {"settings": self.settings, "num_processes": self.num_processes}, "attributes": {}}
+        names = ("settings", "num_processes", "hyperparameters", "base_model")
+        return {"args": {name: getattr(self, name) for name in names}, "attributes": {}}
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         current = training_settings(args, args.tl_align, args.label_smoothing)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__, {}).get("args", {})
         self.num_processes = args.world_size
+        self.hyperparameters = training_hyperparameters(args)
+        self.base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if state.global_step == 0:  # a fresh run
             self.settings = current
-            return
-        self.settings = check_resumed_settings(
-            saved.get("settings"), current, state.global_step, state.max_steps, saved_processes=saved.get("num_processes"),
-            num_processes=args.world_size, checkpoint=f"the checkpoint of step {state.global_step}",
-        )  # fmt: skip
+        else:
+            self.settings = check_resumed_settings(
+                saved.get("settings"), current, state.global_step, state.max_steps, saved_processes=saved.get("num_processes"),
+                num_processes=args.world_size, checkpoint=f"the checkpoint of step {state.global_step}",
+            )  # fmt: skip
+            if saved.get("settings") and state.global_step >= state.max_steps:  # finished: nothing is trained now
+                self.hyperparameters, self.base_model = saved.get("hyperparameters"), saved.get("base_model")
+        # Trainer took its snapshot of the callbacks' states before training began; checkpoints refresh it, and
+        # `Trainer.save_state` (the trainer_state.json next to the final model) writes it as it is.
+        state.stateful_callbacks[type(self).__name__] = self.state()
+
+
+def recorded_training(folder: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The :class:`TrainingRecord` saved with the weights in `folder` (a checkpoint, or a final model saved with
+    `Trainer.save_state`), as a dict with `settings`, `num_processes`, `hyperparameters` and `base_model`; `None`
+    when `folder` holds no such record (not a local folder, no `trainer_state.json`, or a run without TL-Align)."""
+    path = os.path.join(folder, TRAINER_STATE_NAME) if folder else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        callbacks = TrainerState.load_from_json(path).stateful_callbacks or {}
+    except (OSError, ValueError, TypeError) as error:
+        logger.warning(f"Could not read the training record of {folder} ({error}); the model card leaves it out.")
+        return None
+    record = callbacks.get(TrainingRecord.__name__)
+    recorded = record.get("args", {}) if isinstance(record, dict) else {}
+    return recorded if recorded.get("settings") else None
 
 
 class LoopRecord:

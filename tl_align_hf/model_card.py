@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.modelcard import TrainingSummary, make_markdown_table
@@ -65,8 +66,7 @@ MODEL_CARD_TEMPLATE = """---
 
 # {{ model_name }}
 
-A `{{ parent_class }}` image classifier {{ origin }} on {{ dataset_text }}, with {{ training }} (`tl-align-hf`: \
-TL-Align for Hugging Face transformers).
+{{ summary }}
 
 ## Token-Label Alignment
 
@@ -77,17 +77,19 @@ Alignment for Vision Transformers*, ICCV 2023, arXiv 2210.06455) traces each tok
 attention layer, using the attention weights the model already computes, and trains against the share that actually \
 reaches the class token.
 
-{{ this_run }} TL-Align changes only the training target and adds no parameters, so the saved checkpoint is an \
+{{ this_run }}TL-Align changes only the training target and adds no parameters, so the saved checkpoint is an \
 ordinary transformers checkpoint and inference costs exactly what the base architecture costs.
 
 ## Training procedure
 
 ### TL-Align and mixing settings
-
+{% if settings %}
 | Setting | Value |
 |---|---|
 {% for name, value in settings %}| {{ name }} | {{ value }} |
-{% endfor %}
+{% endfor %}{% else %}
+Not recorded: no record of how these weights were trained was found with them.
+{% endif %}
 ### Training hyperparameters
 {% if hyperparameters %}
 The following hyperparameters were used during training:
@@ -139,6 +141,12 @@ place, adding no weights.
 
 {% for name, version in versions %}- {{ name }} {{ version }}
 {% endfor %}"""
+
+
+def _hub_dataset_or_none(name: Any) -> str | None:
+    """`name` when it can be a Hub dataset id: a Hub repo id that is neither a local path nor one of the builders
+    `datasets` ships for local files (`imagefolder`, `csv`, `json`, ...)."""
+    return None if name in _PACKAGED_DATASETS_MODULES else _hub_id_or_none(name)
 
 
 def _hub_id_or_none(name: Any) -> str | None:
@@ -237,9 +245,9 @@ def _check_settings(mixing: dict[str, Any], label_smoothing: float) -> None:
 def model_card(
     *,
     model_class_name: str,
-    mixing: dict[str, Any],
-    tl_align: bool,
-    label_smoothing: float,
+    mixing: dict[str, Any] | None,
+    tl_align: bool | None,
+    label_smoothing: float | None,
     finetuned_from: str | None = None,
     dataset: str | list[str] | None = None,
     hyperparameters: dict[str, Any] | None = None,
@@ -261,57 +269,78 @@ def model_card(
             transformers class the checkpoint loads as (`"ViTForImageClassification"`).
         mixing: the mixing settings, keyed by the `TLAlignConfig` fields (`mixing_method`, `mixup_alpha`,
             `cutmix_alpha`, `cutmix_minmax`, `mix_prob`, `switch_prob`, `mix_mode`, `correct_lam`); all are listed.
-        tl_align: whether training used the aligned target (`False`: the plain-mixing baseline).
+        tl_align: whether training used the aligned target (`False`: the plain-mixing baseline). `None`: how the
+            weights were trained is not known (a card made after evaluation only, with no record of the training):
+            the card then claims no training (no origin, settings, hyperparameters or TL-Align tags), and
+            `mixing`, `label_smoothing` and `hyperparameters` are ignored.
         label_smoothing: smoothing of each one-hot before mixing, in [0, 1).
         finetuned_from: the Hub id (or local path) of the starting checkpoint; `None`: trained from scratch.
-        dataset: dataset name(s) or Hub id(s).
+        dataset: dataset name(s) or Hub id(s); only Hub datasets are linked (not local folders, nor the builders
+            `datasets` ships for local files, such as `imagefolder`).
         hyperparameters: `{name: value}` listed under "Training hyperparameters".
         eval_results: final evaluation metrics, e.g. `{"eval_accuracy": 0.93, "eval_top5_accuracy": 0.99}`;
             speed metrics are left out, top-k accuracies also go into the `model-index`.
         repo_id: the Hub repo the card is for (the usage snippet, and the default model name).
         model_name, dataset_tags, dataset_config, tags, language, license: front matter, as in
-            `Trainer.create_model_card` (`dataset_tags` default to the Hub ids among `dataset`).
+            `Trainer.create_model_card` (`dataset_tags` default to the Hub ids among `dataset`; only Hub dataset ids
+            are kept).
         training_results: a markdown table of the evaluations during training.
 
     Raises:
         ValueError: `mixing` has a key that is not a mixing field, or `label_smoothing` is outside [0, 1).
     """
-    _check_settings(mixing, label_smoothing)
+    recorded = tl_align is not None
+    if recorded:
+        _check_settings(mixing, label_smoothing)
     parent_class = model_class_name.removeprefix("TLAlign")
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"{parent_class}-tl-align")
-    datasets, dataset_tags = _as_list(dataset), _as_list(dataset_tags)
+    datasets = _as_list(dataset)
+    hub_datasets = [name for name in _as_list(dataset_tags) or datasets if _hub_dataset_or_none(name)]
     results = _numeric_results(eval_results)
-    model_index = _accuracy_results(results, next(iter(datasets), None), next(iter(dataset_tags), None), dataset_config)
+    model_index = _accuracy_results(results, next(iter(datasets), None), next(iter(hub_datasets), None), dataset_config)
     card_data = ModelCardData(
         language=language,
         license=license,
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=list(dict.fromkeys([*_as_list(tags), *CARD_TAGS])),
-        base_model=_hub_id_or_none(finetuned_from),
-        datasets=dataset_tags or [name for name in datasets if _hub_id_or_none(name)] or None,
+        tags=list(dict.fromkeys([*_as_list(tags), *(CARD_TAGS if recorded else CARD_TAGS[:2])])),
+        base_model=_hub_id_or_none(finetuned_from) if recorded else None,
+        datasets=hub_datasets or None,
         metrics=["accuracy"] if model_index else None,
         model_name=model_name if model_index else None,
         eval_results=model_index or None,
     )
-    if tl_align:
-        training = "**Token-Label Alignment (TL-Align)** on mixed images"
-        this_run = "It was trained against the aligned target."
+    linked = [_linked(name, "datasets/") if name in hub_datasets else f"`{name}`" for name in datasets]
+    dataset_text = " and ".join(linked) or "an image classification dataset"
+    origin = f"fine-tuned from {_linked(finetuned_from, '')}" if finetuned_from else "trained from scratch"
+    if not recorded:
+        summary = (
+            f"A `{parent_class}` image classifier, evaluated on {dataset_text} with `tl-align-hf` (TL-Align for Hugging "
+            "Face transformers). How its weights were trained was not recorded with them, so this card lists no "
+            "training settings."
+        )
+        this_run = ""
     else:
-        training = "plain data mixing and area-proportional targets (the baseline of TL-Align)"
-        this_run = "It was **not** trained with alignment: it is the plain-mixing baseline."
+        if tl_align:
+            training = "**Token-Label Alignment (TL-Align)** on mixed images"
+            this_run = "It was trained against the aligned target. "
+        else:
+            training = "plain data mixing and area-proportional targets (the baseline of TL-Align)"
+            this_run = "It was **not** trained with alignment: it is the plain-mixing baseline. "
+        summary = (
+            f"A `{parent_class}` image classifier {origin} on {dataset_text}, with {training} (`tl-align-hf`: TL-Align "
+            "for Hugging Face transformers)."
+        )
     return ModelCard.from_template(
         card_data,
         template_str=MODEL_CARD_TEMPLATE,
         model_name=model_name,
         parent_class=parent_class,
-        origin=f"fine-tuned from {_linked(finetuned_from, '')}" if finetuned_from else "trained from scratch",
-        dataset_text=" and ".join(_linked(name, "datasets/") for name in datasets) or "an image classification dataset",
-        training=training,
+        summary=summary,
         this_run=this_run,
         paper_url=PAPER_URL,
-        settings=_settings_rows(mixing, tl_align, label_smoothing),
-        hyperparameters=hyperparameters,
+        settings=_settings_rows(mixing, tl_align, label_smoothing) if recorded else None,
+        hyperparameters=hyperparameters if recorded else None,
         training_results=training_results,
         results=results,
         source=repo_id or "path/to/this/checkpoint",
@@ -343,6 +372,8 @@ def tl_align_model_card(
     mixing: dict[str, Any] | None = None,
     tl_align: bool | None = None,
     label_smoothing: float | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    training_recorded: bool = True,
 ) -> ModelCard:
     """The Hub model card (README.md) of a model trained by `trainer` with tl-align-hf (see `model_card`).
 
@@ -364,6 +395,10 @@ def tl_align_model_card(
             `mix_mode`, `correct_lam`).
         tl_align: overrides `trainer.args.tl_align` (whether training used the aligned target).
         label_smoothing: overrides `trainer.args.label_smoothing`, in [0, 1).
+        hyperparameters: override the hyperparameters `trainer.args` give (e.g. those recorded with weights that
+            `trainer` only evaluated); `{}`: none recorded.
+        training_recorded: `False` when the weights were not trained by `trainer` and nothing records how they were
+            trained: the card then claims no training settings and no hyperparameters (see `model_card`).
 
     Returns:
         A `huggingface_hub.ModelCard`. `card.data` holds `library_name: transformers`,
@@ -379,7 +414,8 @@ def tl_align_model_card(
     mixing = {**args_mixing, **(mixing or {})}
     tl_align = args_tl_align if tl_align is None else tl_align
     label_smoothing = args_label_smoothing if label_smoothing is None else label_smoothing
-    _check_settings(mixing, label_smoothing)  # before `from_trainer`, which may ask the Hub for a license
+    if training_recorded:
+        _check_settings(mixing, label_smoothing)  # before `from_trainer`, which may ask the Hub for a license
     summary = TrainingSummary.from_trainer(
         trainer,
         language=language,
@@ -396,11 +432,11 @@ def tl_align_model_card(
     return model_card(
         model_class_name=getattr(model, "tl_align_parent", type(model)).__name__,  # what the checkpoint loads as
         mixing=mixing,
-        tl_align=tl_align,
+        tl_align=tl_align if training_recorded else None,
         label_smoothing=label_smoothing,
         finetuned_from=summary.finetuned_from or None,
         dataset=summary.dataset,
-        hyperparameters=summary.hyperparameters,
+        hyperparameters=summary.hyperparameters if hyperparameters is None else hyperparameters,
         eval_results=summary.eval_results,
         repo_id=getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id,
         model_name=summary.model_name,

@@ -13,7 +13,13 @@ from transformers import DefaultDataCollator, Trainer, TrainerCallback, Training
 from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
 from transformers.utils import logging
 
-from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable, training_settings
+from .checkpoints import (
+    TrainingRecord,
+    atomic_checkpoint_save,
+    check_one_run_per_launch,
+    check_writable,
+    recorded_training,
+)
 from .collator import TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
 from .data import set_train_epoch
@@ -98,6 +104,7 @@ class TLAlignTrainer(Trainer):
                 f"{args.mixing_method!r} would be silently ignored. Leave data_collator unset (TLAlignTrainer builds a "
                 "TLAlignCollator), or pass TLAlignCollator.from_model(model, args)."
             )
+        check_one_run_per_launch(args.world_size)
         if args.should_save:
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
@@ -116,7 +123,7 @@ class TLAlignTrainer(Trainer):
         self._non_finite_loss = None  # a device flag: some training loss since the last log was NaN or infinite
         self._last_logged_step = 0
         self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
-        self.add_callback(TrainingRecord(training_settings(args, args.tl_align, args.label_smoothing), args.world_size))
+        self.add_callback(TrainingRecord())  # filled when training begins
         self.add_callback(_EpochCallback(self))
 
     def _check_labels_in_range(self, num_labels: int | None) -> None:
@@ -288,17 +295,30 @@ class TLAlignTrainer(Trainer):
     def create_model_card(self, **kwargs) -> None:
         """Write the TL-Align model card (README.md) to `output_dir`: Trainer's card plus the mixing settings.
 
-        Takes the arguments of `Trainer.create_model_card` (`finetuned_from`, `tasks`, `dataset`, `tags`, ...).
+        Takes the arguments of `Trainer.create_model_card` (`finetuned_from`, `tasks`, `dataset`, `tags`, ...). The
+        card describes what the weights were trained with: this trainer's training, or, when it has not trained
+        (an evaluation-only run), the record saved with the weights it loaded (their folder's `trainer_state.json`,
+        see `tl_align_hf.checkpoints.recorded_training`); with neither, it claims no training settings.
         """
         if not self.is_world_process_zero():
             return
         record = next(callback for callback in self.callback_handler.callbacks if isinstance(callback, TrainingRecord))
-        trained = dict(record.settings)  # the checkpoint's, when a finished run was resumed with nothing to do
-        card = tl_align_model_card(
-            self,
-            **kwargs,
-            tl_align=trained.pop("tl_align"),
-            label_smoothing=trained.pop("label_smoothing"),
-            mixing=trained,
-        )
+        trained = record.state()["args"] if record.settings is not None else None
+        if trained is None:  # not trained here: what the loaded weights were trained with, if recorded
+            weights_folder = getattr(self.accelerator.unwrap_model(self.model), "name_or_path", None)
+            trained = recorded_training(weights_folder)
+            if trained and trained.get("base_model") and kwargs.get("finetuned_from") in (None, weights_folder):
+                kwargs["finetuned_from"] = trained["base_model"]  # not the folder of the trained weights themselves
+        if trained is None:
+            card = tl_align_model_card(self, **kwargs, training_recorded=False)
+        else:
+            settings = dict(trained["settings"])
+            card = tl_align_model_card(
+                self,
+                **kwargs,
+                tl_align=settings.pop("tl_align"),
+                label_smoothing=settings.pop("label_smoothing"),
+                mixing=settings,
+                hyperparameters=trained.get("hyperparameters") or {},
+            )
         card.save(os.path.join(self.args.output_dir, "README.md"))
