@@ -54,7 +54,14 @@ from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .aligner import TokenLabelAligner, validate_mixing_inputs
-from .attention import ALIGNER_ATTRIBUTE, ATTENTION_PATHS, attention_with_shares, pass_aligner_through, route_attention
+from .attention import (
+    ALIGNER_ATTRIBUTE,
+    ATTENTION_PATHS,
+    attention_with_shares,
+    choose_path,
+    pass_aligner_through,
+    route_attention,
+)
 from .losses import mixed_batch_loss
 from .mixer import MIXING_KEYS
 
@@ -289,7 +296,11 @@ class TLAlignMixin:
 
 def _forward_with_aligner_on_modules(parent_forward, model: TLAlignMixin, *, token_label_aligner, **arguments):
     """``parent_forward(model, **arguments)`` with the aligner on the model's aligned attention modules and
-    ``tl_align_aligner_holders`` for the call (their forward takes no aligner argument)."""
+    ``tl_align_aligner_holders`` for the call (their forward takes no aligner argument). Gradient checkpointing
+    recomputes the blocks without the aligner, i.e. with the parent's attention: the aligned forward then takes the
+    ``explicit`` path, whose attention output is the parent's own, so that the recomputation matches it."""
+    if model.is_activation_checkpointing and torch.is_grad_enabled():
+        token_label_aligner.attention_path = "explicit"  # the recomputation runs the parent's attention (see above)
     holders = (*model.tl_align_attention_classes.values(), *model.tl_align_aligner_holders)
     modules = [module for module in model.modules() if isinstance(module, holders)]
     for module in modules:
@@ -532,6 +543,38 @@ class TLAlignSwinForImageClassification(_SwinRouting, TLAlignMixin, SwinForImage
     tl_align_pooling = "patch_mean"
 
 
+# ---------------------------------------------------------------------- attention modules outside the interface
+def _attention_with_aligner(module, aligner, parent_call, attention_inputs, dropout, scaling, base_function, base_is_eager):
+    """One aligned attention call of a module outside the attention interface (Swin V2, Data2Vec-Vision).
+
+    ``attention_inputs()`` gives the module's attention as scaled dot-product attention: query, key, value
+    `(B, H, N, D)` and the additive mask, for :func:`~tl_align_hf.attention.attention_with_shares`. On the
+    ``explicit`` path (attention dropout in training, gradient checkpointing) the parent's forward
+    (``parent_call()``) computes the output unchanged, so that a recomputation for gradient checkpointing (which runs
+    the parent's forward) matches it, and the probabilities are computed beside it without gradient.
+
+    Returns:
+        The `(B, N, H * D)` attention output and the attention weights (``None`` unless computed).
+    """
+    if choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout) == "explicit":
+        outputs = parent_call()
+        with torch.no_grad():
+            query, key, value, mask = attention_inputs()
+        by_head = outputs[0].view(query.shape[0], query.shape[2], query.shape[1], -1)  # (B, N, H, D)
+        attention_with_shares(
+            aligner, module, query, key, value, mask, dropout, scaling,
+            base_function=lambda *args, **kwargs: (by_head, None), eager_function=eager_attention_forward,
+            base_is_eager=base_is_eager,
+        )  # fmt: skip
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
+    query, key, value, mask = attention_inputs()
+    output, weights = attention_with_shares(
+        aligner, module, query, key, value, mask, dropout, scaling,
+        base_function=base_function, eager_function=eager_attention_forward, base_is_eager=base_is_eager,
+    )  # fmt: skip
+    return output.flatten(2), weights
+
+
 # -------------------------------------------------------------------------------------------------------- Swin V2
 class _TLAlignSwinv2SelfAttention(Swinv2SelfAttention):
     """Swin V2's window attention that also feeds the aligner put on it for an aligned forward pass; without one,
@@ -547,6 +590,15 @@ class _TLAlignSwinv2SelfAttention(Swinv2SelfAttention):
         aligner = getattr(self, ALIGNER_ATTRIBUTE, None)
         if aligner is None:
             return super().forward(hidden_states, attention_mask, output_attentions)
+        context, weights = _attention_with_aligner(
+            self, aligner, lambda: super(_TLAlignSwinv2SelfAttention, self).forward(hidden_states, attention_mask, output_attentions),
+            lambda: self._tl_align_attention_inputs(hidden_states, attention_mask),
+            self.dropout.p if self.training else 0.0, 1.0, eager_attention_forward, True,
+        )  # fmt: skip
+        return (context, weights) if output_attentions else (context,)
+
+    def _tl_align_attention_inputs(self, hidden_states, attention_mask):
+        """Query, key, value `(B * windows, H, N, D)` and the `(B * windows, H, N, N)` additive mask."""
         batch_size, num_tokens, _ = hidden_states.shape  # (B * windows, window_size**2, C)
         heads = (batch_size, num_tokens, self.num_attention_heads, self.attention_head_size)
         query, key, value = (layer(hidden_states).view(heads).transpose(1, 2) for layer in (self.query, self.key, self.value))
@@ -561,12 +613,7 @@ class _TLAlignSwinv2SelfAttention(Swinv2SelfAttention):
             shift_mask = attention_mask[None, :, None]
             mask = (mask[None] + shift_mask + shift_mask).expand(batch_size // num_windows, -1, -1, -1, -1)
             mask = mask.reshape(batch_size, -1, num_tokens, num_tokens)
-        output, weights = attention_with_shares(
-            aligner, self, query, key, value, mask, self.dropout.p if self.training else 0.0, 1.0,
-            base_function=eager_attention_forward, eager_function=eager_attention_forward, base_is_eager=True,
-        )  # fmt: skip
-        context = output.reshape(batch_size, num_tokens, self.all_head_size)
-        return (context, weights) if output_attentions else (context,)
+        return query, key, value, mask
 
 
 class TLAlignSwinv2ForImageClassification(_SwinRouting, TLAlignMixin, Swinv2ForImageClassification):
@@ -597,27 +644,31 @@ class _TLAlignData2VecVisionAttention:
     one) are the additive mask of :func:`~tl_align_hf.attention.attention_with_shares`, on every path."""
 
     def forward(self, hidden_states, output_attentions=False, relative_position_bias=None, interpolate_pos_encoding=False, resolution=None):
+        arguments = (hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution)
         aligner = getattr(self, ALIGNER_ATTRIBUTE, None)
         if aligner is None:
-            return super().forward(hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution)
+            return super().forward(*arguments)
+        fused = isinstance(self, Data2VecVisionSdpaSelfAttention)
+        context, weights = _attention_with_aligner(
+            self, aligner, lambda: super(_TLAlignData2VecVisionAttention, self).forward(*arguments),
+            lambda: self._tl_align_attention_inputs(hidden_states, relative_position_bias, interpolate_pos_encoding, resolution),
+            self.dropout.p if self.training else 0.0, self.attention_head_size**-0.5,
+            _DATA2VEC_SDPA if fused else eager_attention_forward, not fused,
+        )  # fmt: skip
+        if fused:
+            return context, None
+        return (context, weights) if output_attentions else (context,)
+
+    def _tl_align_attention_inputs(self, hidden_states, relative_position_bias, interpolate_pos_encoding, resolution):
+        """Query, key, value `(B, H, N, D)` and the `(1, H, N, N)` relative position bias (or ``None``)."""
         heads = (*hidden_states.shape[:-1], -1, self.attention_head_size)
         query, key, value = (layer(hidden_states).view(heads).transpose(1, 2) for layer in (self.query, self.key, self.value))
-        bias = relative_position_bias  # (1, H, N, N) or None
+        bias = relative_position_bias
         if self.has_relative_position_bias:
             grid = (resolution[0] // self.config.patch_size, resolution[1] // self.config.patch_size)
             own_bias = self.relative_position_bias(grid, interpolate_pos_encoding, dim_size=hidden_states.shape[1])
             bias = own_bias if bias is None else own_bias + bias
-        fused = isinstance(self, Data2VecVisionSdpaSelfAttention)
-        output, weights = attention_with_shares(
-            aligner, self, query, key, value, bias, self.dropout.p if self.training else 0.0,
-            self.attention_head_size**-0.5,
-            base_function=_DATA2VEC_SDPA if fused else eager_attention_forward,
-            eager_function=eager_attention_forward, base_is_eager=not fused,
-        )  # fmt: skip
-        context = output.reshape(*hidden_states.shape[:-1], self.all_head_size)
-        if fused:
-            return context, None
-        return (context, weights) if output_attentions else (context,)
+        return query, key, value, bias
 
 
 class _TLAlignData2VecVisionSelfAttention(_TLAlignData2VecVisionAttention, Data2VecVisionSelfAttention):
@@ -718,6 +769,118 @@ ALIGNED_CLASSES: dict[type[PreTrainedModel], type[TLAlignMixin]] = {
 }
 
 
+_CONVOLUTIONAL = "a convolutional network: it has no attention to follow the labels through"
+_TRY_VIT = "Nearest supported: a ViT of similar size (ViT, DeiT, BEiT, DINOv2) or Swin / Swin V2"
+_TRY_SWIN = "Nearest supported: Swin or Swin V2 (hierarchical, windowed attention only)"
+_TIMM_DINOV3 = (
+    "Fine-tune DINOv3 with TL-Align through timm: TimmWrapperForImageClassification of `vit_small_patch16_dinov3` "
+    "or `vit_base_patch16_dinov3` (the `timm/vit_small_patch16_dinov3.lvd1689m`, `timm/vit_base_patch16_dinov3."
+    "lvd1689m` checkpoints: AutoModelForImageClassification.from_pretrained('timm/vit_base_patch16_dinov3.lvd1689m'))"
+)
+# model_type -> (what keeps TL-Align from following the labels, the nearest supported alternative)
+UNSUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
+    **{
+        model_type: (_CONVOLUTIONAL, _TRY_VIT)
+        for model_type in (
+            "bit", "convnext", "convnextv2", "dinov3_convnext", "efficientnet", "hgnet_v2", "mobilenet_v1",
+            "mobilenet_v2", "pp_lcnet", "regnet", "resnet", "textnet",
+        )
+    },
+    "poolformer": ("its token mixer is average pooling, not attention", _TRY_VIT),
+    "focalnet": ("focal modulation (depth-wise convolutions and gating) mixes the tokens instead of attention", _TRY_SWIN),
+    "cvt": (
+        "convolutional token embeddings and convolutional query/key/value projections mix neighbouring tokens "
+        "outside the attention probabilities",
+        _TRY_VIT,
+    ),
+    "pvt": (
+        "spatial-reduction attention: keys and values come from a strided convolution over the token grid, so the "
+        "attention does not run between the tokens themselves",
+        _TRY_SWIN,
+    ),
+    "pvt_v2": (
+        "spatial-reduction attention (keys and values from a strided convolution or pooling), overlapping "
+        "convolutional patch embeddings and a depth-wise convolution in every MLP mix tokens outside attention",
+        _TRY_SWIN,
+    ),
+    "segformer": (
+        "its attention uses the attention interface, but keys and values come from a strided convolution (spatial "
+        "reduction), the patch embeddings overlap and the Mix-FFN has a depth-wise convolution: tokens mix outside "
+        "attention",
+        _TRY_SWIN,
+    ),
+    "mobilevit": (
+        "MobileNetV2 convolution blocks, and unfold/fold around the transformer, mix pixels outside attention",
+        "Nearest supported: a small ViT such as DeiT-Tiny",
+    ),
+    "mobilevitv2": (
+        "separable linear attention (one context score per token, no token-to-token probabilities) between "
+        "convolution blocks",
+        "Nearest supported: a small ViT such as DeiT-Tiny",
+    ),
+    "swiftformer": (
+        "efficient additive attention (no token-to-token probabilities) between convolutional encoders",
+        "Nearest supported: a small ViT such as DeiT-Tiny",
+    ),
+    "levit": (
+        "a convolutional stem, and attention blocks that subsample the queries (tokens merge inside attention, with "
+        "no residual)",
+        "Nearest supported: DeiT (LeViT's distilled training is DeiT's), with or without teacher",
+    ),
+    "hiera": (
+        "mask-unit attention with query pooling (tokens merge inside attention) in its own attention module, outside "
+        "transformers' attention interface",
+        _TRY_SWIN,
+    ),
+    "dinat": ("neighbourhood attention from the natten kernels, with convolutional downsampling between stages", _TRY_SWIN),
+    "donut-swin": (
+        "Donut's encoder copies Swin V1 into its own classes, with attention outside transformers' attention "
+        "interface",
+        "Nearest supported: SwinForImageClassification",
+    ),
+    "perceiver": (
+        "cross-attention from a learned latent array: the classifier reads latents that are not image tokens",
+        _TRY_VIT,
+    ),
+    "imagegpt": (
+        "it reads colour-cluster ids of single pixels (`input_ids`), not patches of `pixel_values`",
+        _TRY_VIT,
+    ),
+    "shieldgemma2": (
+        "a vision-language safety classifier: its scores are Gemma 3's generated yes/no answers, not a read-out of "
+        "image tokens",
+        "Nearest supported: SigLIP 2 (Siglip2ForImageClassification), the family of Gemma 3's vision tower",
+    ),
+    "dinov3_vit": (
+        "transformers has no DINOv3 image-classification class (AutoModelForImageClassification does not map "
+        "dinov3_vit; DINOv3ViTModel has no head)",
+        _TIMM_DINOV3,
+    ),
+}
+
+
+def _refusal(model: torch.nn.Module) -> str:
+    """Why ``model`` is not supported and what to use instead: the family's own obstacle, or, for a supported family
+    loaded without its image-classification head, the class to load."""
+    supported = ", ".join(cls.__name__ for cls in ALIGNED_CLASSES)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    head = f"TL-Align does not support {type(model).__name__} (model_type={model_type!r})"
+    if model_type in UNSUPPORTED_FAMILIES:
+        obstacle, alternative = UNSUPPORTED_FAMILIES[model_type]
+        return f"{head}: {obstacle}. {alternative}. Supported classes: {supported}."
+    same_family = [cls.__name__ for cls in ALIGNED_CLASSES if getattr(cls, "config_class", None) is type(model.config)]
+    if same_family:
+        return (
+            f"{head}: TL-Align trains image classifiers. Load the checkpoint with AutoModelForImageClassification "
+            f"({' or '.join(same_family)}). Supported classes: {supported}."
+        )
+    return (
+        f"{head}: its family has not been checked. TL-Align follows the labels through attention, so it needs "
+        "blocks whose tokens mix only through attention (one residual attention branch per block) and a classifier "
+        f"that reads a mean of the final tokens or a class token. Supported classes: {supported}."
+    )
+
+
 def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
     """Turn a loaded model of a supported class into its aligned subclass, in place; return it.
 
@@ -730,15 +893,7 @@ def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
         return model
     aligned_class = ALIGNED_CLASSES.get(type(model))
     if aligned_class is None:
-        supported = ", ".join(cls.__name__ for cls in ALIGNED_CLASSES)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise ValueError(
-            f"TL-Align does not support {type(model).__name__} (model_type={model_type!r}). Supported classes: "
-            f"{supported}. TL-Align follows the labels through attention, so it needs pre-norm residual attention "
-            "blocks that run through transformers' attention interface and a known read-out; convolutional and "
-            "hybrid models and the families implemented otherwise (Swinv2, Hiera, PVT, MobileViT, ...) are not "
-            "supported."
-        )
+        raise ValueError(_refusal(model))
     aligned_class.tl_align_check_supported(model)
     model.__class__ = aligned_class
     model.tl_align_route_attention()
