@@ -59,6 +59,8 @@ from .attention import (
     ATTENTION_PATHS,
     attention_with_shares,
     choose_path,
+    dropout_free_probabilities,
+    mean_attended_shares,
     pass_aligner_through,
     route_attention,
 )
@@ -544,28 +546,34 @@ class TLAlignSwinForImageClassification(_SwinRouting, TLAlignMixin, SwinForImage
 
 
 # ---------------------------------------------------------------------- attention modules outside the interface
-def _attention_with_aligner(module, aligner, parent_call, attention_inputs, dropout, scaling, base_function, base_is_eager):
+def _attention_with_aligner(module, aligner, parent_call, attention_inputs, output_attentions, dropout, scaling, base_function, base_is_eager):
     """One aligned attention call of a module outside the attention interface (Swin V2, Data2Vec-Vision).
 
-    ``attention_inputs()`` gives the module's attention as scaled dot-product attention: query, key, value
-    `(B, H, N, D)` and the additive mask, for :func:`~tl_align_hf.attention.attention_with_shares`. On the
-    ``explicit`` path (attention dropout in training, gradient checkpointing) the parent's forward
-    (``parent_call()``) computes the output unchanged, so that a recomputation for gradient checkpointing (which runs
-    the parent's forward) matches it, and the probabilities are computed beside it without gradient.
+    ``parent_call(output_attentions)`` runs the parent's forward; ``attention_inputs()`` gives the module's attention
+    as scaled dot-product attention: query, key, value `(B, H, N, D)` and the additive mask. The paths:
+
+    - ``eager`` with the parent's eager attention: the parent's forward, whose own probabilities (no dropout on this
+      path) give the update, so the output and the attention maps are the parent's bit for bit;
+    - ``explicit`` (attention dropout in training, gradient checkpointing): the parent's forward unchanged, and the
+      dropout-free probabilities computed beside it without gradient, so that a recomputation for gradient
+      checkpointing (which runs the parent's forward) matches it;
+    - otherwise (``value_channel``, or ``eager`` on an SDPA module):
+      :func:`~tl_align_hf.attention.attention_with_shares` on ``attention_inputs()``, with ``base_function``.
 
     Returns:
         The `(B, N, H * D)` attention output and the attention weights (``None`` unless computed).
     """
-    if choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout) == "explicit":
-        outputs = parent_call()
-        with torch.no_grad():
-            query, key, value, mask = attention_inputs()
-        by_head = outputs[0].view(query.shape[0], query.shape[2], query.shape[1], -1)  # (B, N, H, D)
-        attention_with_shares(
-            aligner, module, query, key, value, mask, dropout, scaling,
-            base_function=lambda *args, **kwargs: (by_head, None), eager_function=eager_attention_forward,
-            base_is_eager=base_is_eager,
-        )  # fmt: skip
+    path = choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout)
+    if path == "explicit" or (path == "eager" and base_is_eager):
+        outputs = parent_call(output_attentions or path == "eager")
+        if path == "eager":
+            probabilities = outputs[1]
+        else:
+            with torch.no_grad():
+                query, key, _, mask = attention_inputs()
+            probabilities = dropout_free_probabilities(query, key, mask, scaling)
+        if not aligner.closed:
+            aligner.update(mean_attended_shares(probabilities.detach(), aligner.attention_shares()))
         return outputs[0], outputs[1] if len(outputs) > 1 else None
     query, key, value, mask = attention_inputs()
     output, weights = attention_with_shares(
@@ -591,8 +599,8 @@ class _TLAlignSwinv2SelfAttention(Swinv2SelfAttention):
         if aligner is None:
             return super().forward(hidden_states, attention_mask, output_attentions)
         context, weights = _attention_with_aligner(
-            self, aligner, lambda: super(_TLAlignSwinv2SelfAttention, self).forward(hidden_states, attention_mask, output_attentions),
-            lambda: self._tl_align_attention_inputs(hidden_states, attention_mask),
+            self, aligner, functools.partial(super().forward, hidden_states, attention_mask),
+            functools.partial(self._tl_align_attention_inputs, hidden_states, attention_mask), output_attentions,
             self.dropout.p if self.training else 0.0, 1.0, eager_attention_forward, True,
         )  # fmt: skip
         return (context, weights) if output_attentions else (context,)
@@ -644,15 +652,17 @@ class _TLAlignData2VecVisionAttention:
     one) are the additive mask of :func:`~tl_align_hf.attention.attention_with_shares`, on every path."""
 
     def forward(self, hidden_states, output_attentions=False, relative_position_bias=None, interpolate_pos_encoding=False, resolution=None):
-        arguments = (hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution)
         aligner = getattr(self, ALIGNER_ATTRIBUTE, None)
         if aligner is None:
-            return super().forward(*arguments)
+            return super().forward(hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution)
         fused = isinstance(self, Data2VecVisionSdpaSelfAttention)
         context, weights = _attention_with_aligner(
-            self, aligner, lambda: super(_TLAlignData2VecVisionAttention, self).forward(*arguments),
-            lambda: self._tl_align_attention_inputs(hidden_states, relative_position_bias, interpolate_pos_encoding, resolution),
-            self.dropout.p if self.training else 0.0, self.attention_head_size**-0.5,
+            self, aligner,
+            lambda attentions: super(_TLAlignData2VecVisionAttention, self).forward(
+                hidden_states, attentions, relative_position_bias, interpolate_pos_encoding, resolution
+            ),
+            functools.partial(self._tl_align_attention_inputs, hidden_states, relative_position_bias, interpolate_pos_encoding, resolution),
+            output_attentions, self.dropout.p if self.training else 0.0, self.attention_head_size**-0.5,
             _DATA2VEC_SDPA if fused else eager_attention_forward, not fused,
         )  # fmt: skip
         if fused:
