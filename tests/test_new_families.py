@@ -9,6 +9,8 @@ plain transformers checkpoints, and training through `TLAlignTrainer`.
 import copy
 import json
 
+import datasets
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -356,3 +358,99 @@ def test_raises_error_naming_the_familys_own_obstacle_and_the_nearest_alternativ
         to_tl_align(model)
     assert all(parent.__name__ in str(error.value) for parent in ALIGNED_CLASSES)
     assert type(model) is model_class  # unchanged
+
+
+# ---------------------------------------------------------------------------------- SigLIP 2 NaFlex mixing
+def naflex_examples(sizes=((24, 24), (16, 30), (40, 12), (20, 28)), seed=0):
+    """Examples as a `datasets` pipeline with Siglip2ImageProcessor makes them: one padded patch sequence each."""
+    from PIL import Image
+    from transformers import Siglip2ImageProcessor
+
+    processor = Siglip2ImageProcessor(patch_size=SIGLIP2_PATCH, max_num_patches=SIGLIP2_MAX_PATCHES)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for height, width in sizes]
+    processed = processor(images, return_tensors="pt")
+    return [
+        {**{key: processed[key][index] for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}, "label": index % NUM_LABELS}
+        for index in range(len(sizes))
+    ]
+
+
+def _grid_of(sequence, grid):
+    """`(N, D)` patch sequence -> `(rows, columns, D)` grid of the image's real patches."""
+    rows, columns = grid
+    return sequence[: rows * columns].view(rows, columns, -1)
+
+
+@pytest.mark.parametrize("mix_mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("mixing_method", ["token_cutmix", "token_mix", "mixup"])
+def test_naflex_mixing_takes_each_patch_from_the_same_grid_position_of_the_partner(mixing_method, mix_mode):
+    """Independent check of the mixed patches against the token weights, on each image's own grid."""
+    examples = naflex_examples()
+    model = aligned_copy(tiny_new_family_model("siglip2"))
+    extra = {"mixup_alpha": 1.0} if mixing_method == "mixup" else {}
+    batches = [
+        tl_align_hf.TLAlignCollator.from_model(model, mixing_method=mixing_method, mix_mode=mix_mode, seed=seed, **extra)(examples)
+        for seed in range(4)
+    ]
+    mixed_somewhere = False
+    for batch in batches:
+        original = torch.stack([example["pixel_values"] for example in examples])
+        grids = batch["spatial_shapes"].tolist()
+        mask = batch["pixel_attention_mask"].bool()
+        assert torch.equal(batch["pixel_values"][~mask], original[~mask])  # padding untouched
+        assert torch.all(batch["token_weights"][~mask] == 1)
+        torch.testing.assert_close(batch["mix_lam"], (batch["token_weights"] * mask).sum(1) / mask.sum(1))
+        for index, partner in enumerate(batch["mix_index"].tolist()):
+            own_grid, partner_grid = _grid_of(original[index], grids[index]), _grid_of(original[partner], grids[partner])
+            weights = _grid_of(batch["token_weights"][index, :, None], grids[index])
+            rows, columns = min(grids[index][0], grids[partner][0]), min(grids[index][1], grids[partner][1])
+            expected = own_grid.clone()
+            shared = weights[:rows, :columns]
+            expected[:rows, :columns] = shared * own_grid[:rows, :columns] + (1 - shared) * partner_grid[:rows, :columns]
+            assert torch.all(weights[rows:] == 1) and torch.all(weights[:, columns:] == 1)
+            torch.testing.assert_close(_grid_of(batch["pixel_values"][index], grids[index]), expected, rtol=0, atol=1e-6)
+            mixed_somewhere |= bool((shared < 1).any())
+            if mix_mode == "pair" and partner != index:  # a pair shares its region and its cut
+                partner_weights = _grid_of(batch["token_weights"][partner, :, None], grids[partner])
+                assert torch.equal(partner_weights[:rows, :columns], shared)
+    assert mixed_somewhere
+
+
+def test_raises_error_when_naflex_batch_is_mixed_with_pixel_boxes():
+    model = aligned_copy(tiny_new_family_model("siglip2"))
+    collator = tl_align_hf.TLAlignCollator.from_model(model, mixing_method="cutmix", seed=0)
+    with pytest.raises(ValueError, match="mixing_method='cutmix' draws pixel boxes.*'token_cutmix'"):
+        collator(naflex_examples())
+
+
+def test_raises_error_when_spatial_shapes_do_not_match_the_mask():
+    examples = naflex_examples()
+    examples[1]["spatial_shapes"] = torch.tensor([3, 3])
+    collator = tl_align_hf.TLAlignCollator.from_model(aligned_copy(tiny_new_family_model("siglip2")), seed=0)
+    with pytest.raises(ValueError, match=r"Image 1: spatial_shapes \(3, 3\)"):
+        collator(examples)
+
+
+def test_raises_error_when_patch_sequences_come_from_another_patch_size():
+    collator = tl_align_hf.TLAlignCollator.from_model(aligned_copy(tiny_new_family_model("siglip2")), seed=0)
+    examples = [{**example, "pixel_values": example["pixel_values"][:, :12]} for example in naflex_examples()]
+    with pytest.raises(ValueError, match="Each patch holds 12 values but the model's patches hold 48"):
+        collator(examples)
+
+
+def test_train_with_siglip2_naflex(tmp_path):
+    """TLAlignTrainer builds the collator, mixes the NaFlex examples and trains; evaluation collates them unmixed."""
+    model = tiny_new_family_model("siglip2", "sdpa").train()
+    examples = naflex_examples(sizes=[(24, 24), (16, 30), (40, 12), (20, 28)] * 2)
+    dataset = datasets.Dataset.from_list([{key: value.numpy() for key, value in example.items() if key != "label"} | {"label": example["label"]} for example in examples]).with_format("torch")
+    batch = tl_align_hf.TLAlignCollator.from_model(model, seed=1).collate_unmixed(examples[:4])
+    used = _parameters_with_gradient(model, batch)
+    before = {key: parameter.detach().clone() for key, parameter in model.named_parameters()}
+    trainer = TLAlignTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=dataset, eval_dataset=dataset)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(np.isfinite(entry["loss"]) and "aligned_lam" in entry for entry in logs)
+    unchanged = [key for key, parameter in trainer.model.named_parameters() if key in used and torch.equal(parameter.detach(), before[key])]
+    assert unchanged == []
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
