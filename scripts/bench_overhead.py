@@ -7,6 +7,7 @@ timed steps after warm-up.
     python scripts/bench_overhead.py                       # DeiT-Tiny and DeiT-Small, 224 px, CPU batch 32
     python scripts/bench_overhead.py --configs tiny --steps 10 --json docs/bench_overhead_cpu.json
     python scripts/bench_overhead.py --configs swin_tiny   # Swin-T (SwinConfig defaults: patch 4, window 7)
+    python scripts/bench_overhead.py --configs swinv2_tiny --variants plain-eager tl-align-eager   # eager only
 
 Variants (`--variants`; the first is the baseline of the ratios):
     plain-sdpa              plain mixing (area target), SDPA attention, the parent model's forward
@@ -33,11 +34,12 @@ import statistics
 import time
 
 import torch
-from transformers import DeiTConfig, SwinConfig
+from transformers import DeiTConfig, SwinConfig, Swinv2Config
 
 from tl_align_hf import (
     TLAlignDeiTForImageClassification,
     TLAlignSwinForImageClassification,
+    TLAlignSwinv2ForImageClassification,
     mixed_batch_loss,
     mixing_loss,
 )
@@ -50,6 +52,8 @@ CONFIGS = {
               dict(patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)),
     # SwinConfig's defaults are Swin-T: patch 4, embed_dim 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), window 7
     "swin_tiny": ("Swin-Tiny", TLAlignSwinForImageClassification, SwinConfig, dict()),
+    # Swin V2-T (microsoft/swinv2-tiny-patch4-window8-256): eager attention only, so time the eager variants
+    "swinv2_tiny": ("Swin V2-Tiny", TLAlignSwinv2ForImageClassification, Swinv2Config, dict(window_size=8)),
 }
 NUM_CLASSES = 1000
 
@@ -57,7 +61,7 @@ NUM_CLASSES = 1000
 def make_model(name: str, image_size: int, device: torch.device):
     _, aligned_class, config_class, values = CONFIGS[name]
     config = config_class(image_size=image_size, num_labels=NUM_CLASSES, **values)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "sdpa" if aligned_class._supports_sdpa else "eager"  # Swin V2: eager only
     return aligned_class(config).to(device).train()
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.test_modeling import max_reference_difference  # noqa: E402
+from tests.test_new_families import FAMILY_BACKENDS  # noqa: E402
+from tests.test_new_families import max_reference_difference as new_family_difference  # noqa: E402
 
 rows = []
 for family in ("vit", "deit"):
@@ -23,6 +25,14 @@ for backend in ("eager", "sdpa"):
 for family in ("vit", "deit"):
     d, moved = max_reference_difference(family, "sdpa", "binary", image_hw=(16, 32), interpolate_pos_encoding=True)
     rows.append(f"| {family} (16x32, interpolated) | sdpa | auto | binary | {d:.2e} | {moved:.3f} |")
+# Swin V2, Data2Vec-Vision (mean pooling + per-layer bias; CLS + shared bias) and SigLIP 2 (padded patch sequences)
+for family, backend in FAMILY_BACKENDS:
+    for path in ("eager", "value_channel", "explicit"):
+        d, moved = new_family_difference(family, backend, path)
+        rows.append(f"| {family} | {backend} | {path} | fractional | {d:.2e} | {moved:.3f} |")
+for path in ("eager", "value_channel", "explicit"):
+    d, moved = new_family_difference("swinv2", "eager", path, image_size=28)
+    rows.append(f"| swinv2 (28 px: padded windows, odd merge) | eager | {path} | fractional | {d:.2e} | {moved:.3f} |")
 print("| model | backend | path | token weights | max abs diff vs full-vector reference | max abs aligned_lam - mix_lam |")
 print("|---|---|---|---|---|---|")
 print("\n".join(rows))
