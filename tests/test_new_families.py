@@ -454,3 +454,15 @@ def test_train_with_siglip2_naflex(tmp_path):
     unchanged = [key for key, parameter in trainer.model.named_parameters() if key in used and torch.equal(parameter.detach(), before[key])]
     assert unchanged == []
     assert np.isfinite(trainer.evaluate()["eval_loss"])
+
+
+def test_every_image_classification_model_type_is_supported_or_refused_with_its_own_reason():
+    """A model type transformers adds to AutoModelForImageClassification fails here until it is classified."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    from tl_align_hf.modeling import UNSUPPORTED_FAMILIES
+
+    supported = {aligned_class.config_class.model_type for aligned_class in ALIGNED_CLASSES}
+    unclassified = [name for name in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if name not in supported | set(UNSUPPORTED_FAMILIES)]
+    assert unclassified == []
+    assert not supported & set(UNSUPPORTED_FAMILIES)
