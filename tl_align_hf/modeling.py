@@ -588,10 +588,10 @@ class _TLAlignSwinv2SelfAttention(Swinv2SelfAttention):
     """Swin V2's window attention that also feeds the aligner put on it for an aligned forward pass; without one,
     the parent's forward. Converted models get this class in place of ``Swinv2SelfAttention`` (same weights).
 
-    Cosine attention is scaled dot-product attention with scaling 1 of the normalised queries times the clamped
-    logit scale and the normalised keys, with the continuous position bias (``16 * sigmoid``) and the shift mask
-    (which ``Swinv2SelfAttention`` adds twice) as its additive mask, so every path of
-    :func:`~tl_align_hf.attention.attention_with_shares` computes the probabilities the parent computes.
+    The ``eager`` and ``explicit`` paths run the parent's forward (see :func:`_attention_with_aligner`). For the
+    ``value_channel`` path, cosine attention is written as scaled dot-product attention with scaling 1 of the
+    normalised queries times the clamped logit scale and the normalised keys, with the continuous position bias
+    (``16 * sigmoid``) and the shift mask (which ``Swinv2SelfAttention`` adds twice) as its additive mask.
     """
 
     def forward(self, hidden_states, attention_mask=None, output_attentions=False):
