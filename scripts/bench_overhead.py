@@ -8,6 +8,7 @@ timed steps after warm-up.
     python scripts/bench_overhead.py --configs tiny --steps 10 --json docs/bench_overhead_cpu.json
     python scripts/bench_overhead.py --configs swin_tiny   # Swin-T (SwinConfig defaults: patch 4, window 7)
     python scripts/bench_overhead.py --configs eva02_tiny  # timm's EVA-02 Ti/14 through TimmWrapper (RoPE, SwiGLU)
+    python scripts/bench_overhead.py --configs swinv2_tiny --variants plain-eager tl-align-eager   # eager only
 
 Variants (`--variants`; the first is the baseline of the ratios):
     plain-sdpa              plain mixing (area target), SDPA attention, the parent model's forward
@@ -34,11 +35,12 @@ import statistics
 import time
 
 import torch
-from transformers import DeiTConfig, SwinConfig, TimmWrapperConfig
+from transformers import DeiTConfig, SwinConfig, Swinv2Config, TimmWrapperConfig
 
 from tl_align_hf import (
     TLAlignDeiTForImageClassification,
     TLAlignSwinForImageClassification,
+    TLAlignSwinv2ForImageClassification,
     TLAlignTimmWrapperForImageClassification,
     mixed_batch_loss,
     mixing_loss,
@@ -52,6 +54,8 @@ CONFIGS = {
               dict(patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)),
     # SwinConfig's defaults are Swin-T: patch 4, embed_dim 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), window 7
     "swin_tiny": ("Swin-Tiny", TLAlignSwinForImageClassification, SwinConfig, dict()),
+    # Swin V2-T (microsoft/swinv2-tiny-patch4-window8-256): eager attention only, so time the eager variants
+    "swinv2_tiny": ("Swin V2-Tiny", TLAlignSwinv2ForImageClassification, Swinv2Config, dict(window_size=8)),
     # timm's eva02_tiny_patch14_224 (embed 192, 12 blocks, 3 heads, SwiGLU, RoPE), no Hub weights; image_size -> img_size
     "eva02_tiny": ("EVA-02-Tiny (timm)", TLAlignTimmWrapperForImageClassification, TimmWrapperConfig,
                    dict(architecture="eva02_tiny_patch14_224")),
@@ -65,7 +69,7 @@ def make_model(name: str, image_size: int, device: torch.device):
         config = config_class(num_labels=NUM_CLASSES, model_args={"img_size": image_size}, **values)
     else:
         config = config_class(image_size=image_size, num_labels=NUM_CLASSES, **values)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "sdpa" if aligned_class._supports_sdpa else "eager"  # Swin V2: eager only
     return aligned_class(config).to(device).train()
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.test_modeling import max_reference_difference  # noqa: E402
+from tests.test_new_families import FAMILY_BACKENDS  # noqa: E402
+from tests.test_new_families import max_reference_difference as new_family_difference  # noqa: E402
 from tests.test_timm_backbones import (  # noqa: E402
     ATTENTION_KINDS,
     EXPLICIT_ONLY,
@@ -35,6 +37,14 @@ def transformers_rows() -> list[str]:
     for family in ("vit", "deit"):
         d, moved = max_reference_difference(family, "sdpa", "binary", image_hw=(16, 32), interpolate_pos_encoding=True)
         rows.append(f"| {family} (16x32, interpolated) | sdpa | auto | binary | {d:.2e} | {moved:.3f} |")
+    # Swin V2, Data2Vec-Vision (mean pooling + per-layer bias; CLS + shared bias) and SigLIP 2 (padded patch sequences)
+    for family, backend in FAMILY_BACKENDS:
+        for path in ("eager", "value_channel", "explicit"):
+            d, moved = new_family_difference(family, backend, path)
+            rows.append(f"| {family} | {backend} | {path} | fractional | {d:.2e} | {moved:.3f} |")
+    for path in ("eager", "value_channel", "explicit"):
+        d, moved = new_family_difference("swinv2", "eager", path, image_size=28)
+        rows.append(f"| swinv2 (28 px: padded windows, odd merge) | eager | {path} | fractional | {d:.2e} | {moved:.3f} |")
     return rows
 
 

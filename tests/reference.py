@@ -2,8 +2,8 @@
 
 Runs a *vanilla* transformers model with eager attention and ``output_attentions=True`` and propagates
 `(B, N, C)` label-smoothed one-hot vectors with ``L <- (L + mean_h(A_h) @ L) / 2`` per block, in float64.
-Swin, whose attention runs per window and whose ``output_attentions`` keeps one block per stage, is followed with
-hooks that record every block's attention and geometry. Shares nothing with ``tl_align_hf`` but the batch it is given.
+Swin (V1 and V2), whose attention runs per window and whose ``output_attentions`` keeps one block per stage, is
+followed with hooks that record every block's attention and geometry. Shares nothing with ``tl_align_hf`` but the batch it is given.
 """
 
 from __future__ import annotations
@@ -39,10 +39,20 @@ def reference_cls_labels(vanilla_model, batch: dict, num_prefix_tokens: int, lab
     return reference_token_labels(vanilla_model, batch, num_prefix_tokens, label_smoothing, **forward_kwargs)[:, 0]
 
 
-def _record_swin_blocks(vanilla_model, pixel_values: torch.Tensor) -> list[dict]:
-    """Per block, in order: its token grid, window and shift sizes (as used) and `(B * windows, H, w*w, w*w)` attention."""
+def _swin_module_classes(vanilla_model) -> tuple[type, type, type]:
+    """The (attention, layer, stage) classes of a Swin V1 or V2 model."""
+    if vanilla_model.config.model_type == "swinv2":
+        from transformers.models.swinv2.modeling_swinv2 import Swinv2Attention, Swinv2Layer, Swinv2Stage
+
+        return Swinv2Attention, Swinv2Layer, Swinv2Stage
     from transformers.models.swin.modeling_swin import SwinAttention, SwinLayer, SwinStage
 
+    return SwinAttention, SwinLayer, SwinStage
+
+
+def _record_swin_blocks(vanilla_model, pixel_values: torch.Tensor) -> list[dict]:
+    """Per block, in order: its token grid, window and shift sizes (as used) and `(B * windows, H, w*w, w*w)` attention."""
+    SwinAttention, SwinLayer, SwinStage = _swin_module_classes(vanilla_model)
     blocks, handles = [], []
 
     def record_attention(module, args, output):
@@ -60,7 +70,7 @@ def _record_swin_blocks(vanilla_model, pixel_values: torch.Tensor) -> list[dict]
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            vanilla_model(pixel_values)
+            vanilla_model(pixel_values, output_attentions=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -68,7 +78,7 @@ def _record_swin_blocks(vanilla_model, pixel_values: torch.Tensor) -> list[dict]
 
 
 def reference_swin_labels(vanilla_model, batch: dict, label_smoothing: float = 0.1):
-    """`(B, C)` float64 label of Swin's mean-pooled output, the labels following the tokens.
+    """`(B, C)` float64 label of Swin's (V1 or V2) mean-pooled output, the labels following the tokens.
 
     Per block: the grid is padded to whole windows with the area-mixed label (padding holds no pixels of either
     image, like a CLS token), rolled by the shift, cut into windows, mixed by that window's head-averaged attention,

@@ -26,12 +26,12 @@ from transformers import (
     IJepaForImageClassification,
     MetaClip2Config,
     MetaClip2ForImageClassification,
+    PvtConfig,
+    PvtForImageClassification,
     SiglipConfig,
     SiglipForImageClassification,
     SwinConfig,
     SwinForImageClassification,
-    Swinv2Config,
-    Swinv2ForImageClassification,
     ViTMSNConfig,
     ViTMSNForImageClassification,
 )
@@ -266,14 +266,14 @@ def test_train_with_family(name, tmp_path):
 @pytest.mark.parametrize(
     "model",
     [
-        lambda: Swinv2ForImageClassification(Swinv2Config(image_size=16, patch_size=4, embed_dim=8, depths=[1], num_heads=[2], window_size=2)),
+        lambda: PvtForImageClassification(PvtConfig(num_encoder_blocks=1, depths=[1], hidden_sizes=[8], num_attention_heads=[1], patch_sizes=[4], strides=[4], sequence_reduction_ratios=[2], mlp_ratios=[2])),
         lambda: ConvNextForImageClassification(ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1])),
     ],
-    ids=["swinv2", "convnext"],
+    ids=["pvt", "convnext"],
 )
 def test_raises_error_when_family_is_unsupported_and_lists_supported_classes(model):
     model = model()
     with pytest.raises(ValueError, match=rf"does not support {type(model).__name__} \(model_type='{model.config.model_type}'\)") as error:
         to_tl_align(model)
     assert all(parent.__name__ in str(error.value) for parent in ALIGNED_CLASSES)
-    assert type(model).__name__ in ("Swinv2ForImageClassification", "ConvNextForImageClassification")  # unchanged
+    assert type(model).__name__ in ("PvtForImageClassification", "ConvNextForImageClassification")  # unchanged

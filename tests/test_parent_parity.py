@@ -20,6 +20,7 @@ from transformers.utils import find_labels
 from tl_align_hf.modeling import ALIGNED_CLASSES
 
 from .test_families import FAMILIES, _grid_batch, _mixing, tiny_family_model
+from .test_new_families import tiny_new_family_model
 from .tiny_models import aligned_copy, tiny_model
 
 MODELS = {
@@ -27,6 +28,10 @@ MODELS = {
     "deit": lambda attn: tiny_model(DeiTForImageClassification, attn),
     "deit_with_teacher": lambda attn: tiny_model(DeiTForImageClassificationWithTeacher, attn),
     **{name: (lambda attn, name=name: tiny_family_model(name, attn)) for name in FAMILIES if name != "beit_cls"},
+    # Swin V2 has eager attention only (transformers refuses sdpa for it); Data2Vec-Vision picks its attention
+    # classes from the config when built. SigLIP 2 takes patch sequences: its parity is in test_new_families.py.
+    "swinv2": lambda attn: tiny_new_family_model("swinv2") if attn == "eager" else pytest.skip("Swin V2: eager only"),
+    "data2vec_vision": lambda attn: tiny_new_family_model("data2vec_vision", attn),
 }
 
 

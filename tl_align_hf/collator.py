@@ -91,6 +91,32 @@ def _image(example: Any, position: int) -> torch.Tensor:
     return image
 
 
+PATCH_SEQUENCE_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")  # SigLIP 2 NaFlex inputs
+
+
+def _holds_patch_sequences(examples: Any) -> bool:
+    """Whether the examples are SigLIP 2 NaFlex patch sequences (they carry `spatial_shapes`)."""
+    return isinstance(examples, list | tuple) and bool(examples) and isinstance(examples[0], Mapping) and "spatial_shapes" in examples[0]
+
+
+def _stacked_field(examples: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor:
+    """The `key` field of every example, stacked; a ValueError naming the example that lacks it or does not fit."""
+    values = []
+    for position, example in enumerate(examples):
+        if key not in example:
+            raise ValueError(
+                f"example {position} has no {key!r} key (keys present: {sorted(example)}); SigLIP 2 patch-sequence "
+                f"examples need all of {PATCH_SEQUENCE_KEYS}, as Siglip2ImageProcessor returns them."
+            )
+        values.append(torch.as_tensor(example[key]))
+        if values[-1].shape != values[0].shape:
+            raise ValueError(
+                f"{key} of example {position} has shape {tuple(values[-1].shape)} but example 0 has "
+                f"{tuple(values[0].shape)}; pad every image to the same max_num_patches (Siglip2ImageProcessor does)."
+            )
+    return torch.stack(values)
+
+
 @dataclass
 class TLAlignCollator:
     """Data collator that stacks image examples and mixes them for Token-Label Alignment.
@@ -115,6 +141,11 @@ class TLAlignCollator:
     True
 
     ```
+
+    SigLIP 2 (NaFlex) examples, which hold patch sequences (`pixel_values` (N, C * P * P), `pixel_attention_mask`
+    (N,) and `spatial_shapes` (2,), as `Siglip2ImageProcessor` returns them), are stacked as such and mixed per patch
+    on each image's own grid (`TLAlignMixer.mix_patch_sequences`); the batch then also holds `pixel_attention_mask`
+    and `spatial_shapes`, and `token_weights` cover the padded sequence (B, N).
 
     `TLAlignCollator.from_model(model, mixing_method="cutmix", seed=0)` reads the patch size, image size and number
     of labels from a model's config. Use it as `Trainer(data_collator=collator)` (keep the `pixel_values` and label
@@ -184,6 +215,8 @@ class TLAlignCollator:
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate and mix `examples` (B dicts) into the batch described in the class docstring."""
+        if _holds_patch_sequences(examples):
+            return self._collate_patch_sequences(examples, mix=True)
         images, labels = self._checked(examples, labels_required=True)
         generator = mixing_generator(self.seed, self._rank(), self.epoch, batch_digest(images, labels, check_finite=True))
         mixed = self.mixer(images, generator)  # stacks and mixes in one pass
@@ -194,9 +227,39 @@ class TLAlignCollator:
 
         Returns `pixel_values` (B, C, H, W) and, when every example has a label, `labels` (B,) int64.
         """
+        if _holds_patch_sequences(examples):
+            return self._collate_patch_sequences(examples, mix=False)
         images, labels = self._checked(examples, labels_required=False)
         pixel_values = torch.stack(images)
         return {"pixel_values": pixel_values} if labels is None else {"pixel_values": pixel_values, "labels": labels}
+
+    def _collate_patch_sequences(self, examples: Sequence[Mapping[str, Any]], mix: bool) -> dict[str, torch.Tensor]:
+        """Stack (and, with `mix`, mix) SigLIP 2 NaFlex examples: `pixel_values` (N, C * P * P),
+        `pixel_attention_mask` (N,) and `spatial_shapes` (2,) each, as `Siglip2ImageProcessor` makes them.
+
+        Returns those three stacked, `(B, N, C * P * P)`, `(B, N)` and `(B, 2)`, `labels` (B,) and, with `mix`, the
+        mixer's `mix_index`, `token_weights` (B, N) and `mix_lam` (see `TLAlignMixer.mix_patch_sequences`).
+        """
+        batch = {key: _stacked_field(examples, key) for key in PATCH_SEQUENCE_KEYS}
+        pixel_values = batch["pixel_values"]
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values of patch sequences must be float, got {pixel_values.dtype}.")
+        patch_values = self.num_channels * self.mixer.patch_size[0] * self.mixer.patch_size[1] if self.num_channels else None
+        if patch_values is not None and pixel_values.shape[-1] != patch_values:
+            raise ValueError(
+                f"Each patch holds {pixel_values.shape[-1]} values but the model's patches hold {patch_values} "
+                f"(num_channels {self.num_channels} x patch_size {self.mixer.patch_size}); prepare the images with "
+                "the model's own Siglip2ImageProcessor."
+            )
+        labels = self._labels(examples, labels_required=mix)
+        if labels is not None:
+            batch["labels"] = labels
+        if not mix:
+            return batch
+        digest = batch_digest(pixel_values[:, None], labels, check_finite=True)  # each sequence as a 1-channel image
+        generator = mixing_generator(self.seed, self._rank(), self.epoch, digest)
+        mixed = self.mixer.mix_patch_sequences(pixel_values, batch["pixel_attention_mask"], batch["spatial_shapes"], generator)
+        return {**batch, **mixed}
 
     def _rank(self) -> int:
         if self.rank is not None:

@@ -20,12 +20,14 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import typing
 
 import torch
 from transformers import (
     BeitForImageClassification,
     CLIPForImageClassification,
+    Data2VecVisionForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     Dinov2ForImageClassification,
@@ -33,18 +35,37 @@ from transformers import (
     IJepaForImageClassification,
     MetaClip2ForImageClassification,
     PreTrainedModel,
+    Siglip2ForImageClassification,
     SiglipForImageClassification,
     SwinForImageClassification,
+    Swinv2ForImageClassification,
     ViTForImageClassification,
     ViTMSNForImageClassification,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.data2vec.modeling_data2vec_vision import (
+    Data2VecVisionSdpaSelfAttention,
+    Data2VecVisionSelfAttention,
+)
 from transformers.models.siglip.modeling_siglip import SiglipAttention
+from transformers.models.siglip2.modeling_siglip2 import Siglip2Attention
 from transformers.models.swin.modeling_swin import SwinLayer, SwinStage, window_partition, window_reverse
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, Swinv2SelfAttention, Swinv2Stage
+from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import ModelOutput
 
 from .aligner import TokenLabelAligner, validate_mixing_inputs
-from .attention import ATTENTION_PATHS, pass_aligner_through, route_attention
+from .attention import (
+    ALIGNER_ATTRIBUTE,
+    ATTENTION_PATHS,
+    attention_with_shares,
+    choose_path,
+    dropout_free_probabilities,
+    mean_attended_shares,
+    pass_aligner_through,
+    route_attention,
+)
 from .losses import mixed_batch_loss
 from .mixer import MIXING_KEYS
 
@@ -125,6 +146,12 @@ class TLAlignMixin:
     modules drop the forward's ``**kwargs`` list those classes in ``tl_align_kwargs_dropped_by`` (SigLIP); families
     whose attention sees the tokens re-arranged (Swin) also override :meth:`tl_align_install_hooks`.
     ``tl_align_attention_path`` picks how shares are computed (``"auto"``; see :mod:`tl_align_hf.attention`).
+
+    Families whose attention modules are outside the attention interface and whose forward passes no ``**kwargs``
+    down (Data2Vec-Vision, Swin V2) map each such module class to an aligned subclass in
+    ``tl_align_attention_classes``: converting the model gives the modules that class (same weights, the parent's
+    forward when no aligner is there), and for an aligned forward pass only the aligner is put on those modules (and
+    on the ``tl_align_aligner_holders``, modules whose hooks need it) and taken off afterwards.
     """
 
     tl_align_parent: type[PreTrainedModel]
@@ -133,6 +160,9 @@ class TLAlignMixin:
     tl_align_attention_path: str = "auto"
     # attention modules that take the forward's **kwargs but do not hand them to the attention function
     tl_align_kwargs_dropped_by: tuple[type[torch.nn.Module], ...] = ()
+    # attention modules outside the attention interface -> their aligned subclass (see the class docstring)
+    tl_align_attention_classes: dict[type[torch.nn.Module], type[torch.nn.Module]] = {}
+    tl_align_aligner_holders: tuple[type[torch.nn.Module], ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -172,8 +202,20 @@ class TLAlignMixin:
             if isinstance(module, self.tl_align_kwargs_dropped_by):
                 pass_aligner_through(module)
 
+    def tl_align_num_patches(self, pixel_values: torch.Tensor) -> int:
+        """Patch tokens per image of ``pixel_values`` `(B, C, H, W)`: the width of ``token_weights``."""
+        return _patch_grid_size(self.tl_align_patch_size, pixel_values)
+
     def tl_align_route_attention(self) -> None:
-        """Let every attention module see its config through a `RoutedConfig` (the config itself is unchanged)."""
+        """Let every attention module see its config through a `RoutedConfig` (the config itself is unchanged), or,
+        for families outside the attention interface, give each attention module its aligned subclass."""
+        if self.tl_align_attention_classes:
+            aligned_classes = tuple(self.tl_align_attention_classes.values())
+            for module in self.modules():
+                module.__class__ = self.tl_align_attention_classes.get(type(module), type(module))
+            if not any(isinstance(module, aligned_classes) for module in self.modules()):
+                raise TypeError(f"{type(self).__name__} has none of the attention modules {aligned_classes}.")
+            return
         if route_attention(self) == 0:
             raise TypeError(
                 f"{type(self).__name__} has no attention module on transformers' attention interface to route."
@@ -214,7 +256,7 @@ class TLAlignMixin:
             )
         if self.tl_align_pooling not in READOUTS:
             raise ValueError(f"`tl_align_pooling` must be one of {READOUTS}, got {self.tl_align_pooling!r}.")
-        num_patches = _patch_grid_size(self.tl_align_patch_size, pixel_values)
+        num_patches = self.tl_align_num_patches(pixel_values)
         validate_mixing_inputs(mix_index, token_weights, mix_lam, pixel_values.shape[0], num_patches)
         return TokenLabelAligner(token_weights, mix_lam, self.tl_align_num_prefix_tokens, self.tl_align_attention_path)
 
@@ -239,6 +281,8 @@ class TLAlignMixin:
             return_dict = getattr(self.config, "return_dict", True)
         pixel_values = arguments.get("pixel_values")
         aligner = self._start_aligner(pixel_values, mix_index, token_weights, mix_lam)
+        if self.tl_align_attention_classes:
+            parent_forward = functools.partial(_forward_with_aligner_on_modules, parent_forward)
         outputs = parent_forward(self, **arguments, token_label_aligner=aligner, return_dict=True)
         aligner.close(expected_updates=self.tl_align_num_blocks)
         # A mean of shares: in [0, 1] but for float rounding (rows of P sum to 1 only to ~1e-7), which the clamp removes.
@@ -264,6 +308,24 @@ def as_parent_class(model: torch.nn.Module):
         yield model
     finally:
         model.__class__ = aligned_class
+
+
+def _forward_with_aligner_on_modules(parent_forward, model: TLAlignMixin, *, token_label_aligner, **arguments):
+    """``parent_forward(model, **arguments)`` with the aligner on the model's aligned attention modules and
+    ``tl_align_aligner_holders`` for the call (their forward takes no aligner argument). Gradient checkpointing
+    recomputes the blocks without the aligner, i.e. with the parent's attention: the aligned forward then takes the
+    ``explicit`` path, whose attention output is the parent's own, so that the recomputation matches it."""
+    if model.is_activation_checkpointing and torch.is_grad_enabled():
+        token_label_aligner.attention_path = "explicit"  # the recomputation runs the parent's attention (see above)
+    holders = (*model.tl_align_attention_classes.values(), *model.tl_align_aligner_holders)
+    modules = [module for module in model.modules() if isinstance(module, holders)]
+    for module in modules:
+        setattr(module, ALIGNER_ATTRIBUTE, token_label_aligner)
+    try:
+        return parent_forward(model, **arguments)
+    finally:
+        for module in modules:
+            setattr(module, ALIGNER_ATTRIBUTE, None)
 
 
 class TLAlignViTForImageClassification(TLAlignMixin, ViTForImageClassification):
@@ -394,15 +456,24 @@ def _input_dimensions(args: tuple, kwargs: dict) -> tuple[int, int]:
     return tuple(args[1]) if len(args) > 1 else tuple(kwargs["input_dimensions"])
 
 
+def _cyclic_shift(layer: SwinLayer | Swinv2Layer, grid: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """The layer's cyclic shift of a `(B, H, W, C)` grid (``SwinLayer.cyclic_shift``; Swin V2 rolls inline)."""
+    if layer.shift_size <= 0:
+        return grid
+    shift = layer.shift_size if reverse else -layer.shift_size
+    return torch.roll(grid, shifts=(shift, shift), dims=(1, 2))
+
+
 class _SwinWindows:
-    """The token layout of one SwinLayer's attention: the layer's own padding, cyclic shift and window partition.
+    """The token layout of one Swin (V1 or V2) layer's attention: the layer's own padding, its cyclic shift and the
+    window partition.
 
     Padded positions (when the grid is not a whole number of windows) hold ``mix_lam``: like the CLS token, they
     carry no pixels of either image. The layer's window and shift sizes are read when the attention runs, after the
     layer has adapted them to its input (windows no larger than the grid, no shift then).
     """
 
-    def __init__(self, layer: SwinLayer, height: int, width: int, fill: torch.Tensor):
+    def __init__(self, layer: SwinLayer | Swinv2Layer, height: int, width: int, fill: torch.Tensor):
         self.layer, self.height, self.width = layer, height, width
         self.fill = fill[:, None, None, None]  # (B, 1, 1, 1)
 
@@ -411,14 +482,14 @@ class _SwinWindows:
         grid = shares.view(-1, self.height, self.width, 1) - self.fill
         grid, _ = self.layer.maybe_pad(grid, self.height, self.width)
         self.padded_size = tuple(grid.shape[1:3])
-        windows = window_partition(self.layer.cyclic_shift(grid + self.fill), self.layer.window_size)
+        windows = window_partition(_cyclic_shift(self.layer, grid + self.fill), self.layer.window_size)
         return windows.reshape(windows.shape[0], -1)
 
     def from_attention(self, attended: torch.Tensor) -> torch.Tensor:
         """`(B * num_windows, window_size**2)` -> `(B, H*W)`."""
         window_size = self.layer.window_size
         windows = attended.view(-1, window_size, window_size, 1)
-        grid = self.layer.cyclic_shift(window_reverse(windows, window_size, *self.padded_size), reverse=True)
+        grid = _cyclic_shift(self.layer, window_reverse(windows, window_size, *self.padded_size), reverse=True)
         return grid[:, : self.height, : self.width].reshape(grid.shape[0], -1)
 
 
@@ -435,14 +506,19 @@ def _merge_2x2_shares(shares: torch.Tensor, height: int, width: int) -> torch.Te
     return (group_sums / group_sizes).flatten(1)
 
 
-def _swin_layer_pre_hook(layer: SwinLayer, args: tuple, kwargs: dict) -> None:
-    aligner = kwargs.get("token_label_aligner")
+def _aligner_of_call(module: torch.nn.Module, kwargs: dict) -> TokenLabelAligner | None:
+    """The aligner of this call: a keyword argument (Swin), or put on the module for the pass (Swin V2)."""
+    return kwargs.get("token_label_aligner") or getattr(module, ALIGNER_ATTRIBUTE, None)
+
+
+def _swin_layer_pre_hook(layer: SwinLayer | Swinv2Layer, args: tuple, kwargs: dict) -> None:
+    aligner = _aligner_of_call(layer, kwargs)
     if aligner is not None and not aligner.closed:
         aligner.layout = _SwinWindows(layer, *_input_dimensions(args, kwargs), aligner.mix_lam)
 
 
-def _swin_stage_hook(stage: SwinStage, args: tuple, kwargs: dict, output) -> None:
-    aligner = kwargs.get("token_label_aligner")
+def _swin_stage_hook(stage: SwinStage | Swinv2Stage, args: tuple, kwargs: dict, output) -> None:
+    aligner = _aligner_of_call(stage, kwargs)
     if aligner is not None:
         aligner.layout = None
         if stage.downsample is not None:
@@ -450,7 +526,24 @@ def _swin_stage_hook(stage: SwinStage, args: tuple, kwargs: dict, output) -> Non
             aligner.merge_tokens(functools.partial(_merge_2x2_shares, height=height, width=width))
 
 
-class TLAlignSwinForImageClassification(TLAlignMixin, SwinForImageClassification):
+class _SwinRouting:
+    """What Swin V1 and V2 share: one update per block of every stage, and the hooks that give the aligner each
+    layer's window layout and each stage's patch merging."""
+
+    @property
+    def tl_align_num_blocks(self) -> int:
+        return sum(self.config.depths)
+
+    def tl_align_install_hooks(self) -> None:
+        super().tl_align_install_hooks()
+        for module in self.modules():
+            if isinstance(module, SwinLayer | Swinv2Layer):
+                module.register_forward_pre_hook(_swin_layer_pre_hook, with_kwargs=True)
+            elif isinstance(module, SwinStage | Swinv2Stage):
+                module.register_forward_hook(_swin_stage_hook, with_kwargs=True)
+
+
+class TLAlignSwinForImageClassification(_SwinRouting, TLAlignMixin, SwinForImageClassification):
     """:class:`~transformers.SwinForImageClassification` with token-label alignment.
 
     The shares follow the tokens: each block's attention sees them padded, cyclically shifted and partitioned into
@@ -465,17 +558,220 @@ class TLAlignSwinForImageClassification(TLAlignMixin, SwinForImageClassification
     tl_align_num_prefix_tokens = 0
     tl_align_pooling = "patch_mean"
 
-    @property
-    def tl_align_num_blocks(self) -> int:
-        return sum(self.config.depths)
 
-    def tl_align_install_hooks(self) -> None:
-        super().tl_align_install_hooks()
-        for module in self.modules():
-            if isinstance(module, SwinLayer):
-                module.register_forward_pre_hook(_swin_layer_pre_hook, with_kwargs=True)
-            elif isinstance(module, SwinStage):
-                module.register_forward_hook(_swin_stage_hook, with_kwargs=True)
+# ---------------------------------------------------------------------- attention modules outside the interface
+def _attention_with_aligner(module, aligner, parent_call, attention_inputs, output_attentions, dropout, scaling, base_function, base_is_eager):
+    """One aligned attention call of a module outside the attention interface (Swin V2, Data2Vec-Vision).
+
+    ``parent_call(output_attentions)`` runs the parent's forward; ``attention_inputs()`` gives the module's attention
+    as scaled dot-product attention: query, key, value `(B, H, N, D)` and the additive mask. The paths:
+
+    - ``eager`` with the parent's eager attention: the parent's forward, whose own probabilities (no dropout on this
+      path) give the update, so the output and the attention maps are the parent's bit for bit;
+    - ``explicit`` (attention dropout in training, gradient checkpointing): the parent's forward unchanged, and the
+      dropout-free probabilities computed beside it without gradient, so that a recomputation for gradient
+      checkpointing (which runs the parent's forward) matches it;
+    - otherwise (``value_channel``, or ``eager`` on an SDPA module):
+      :func:`~tl_align_hf.attention.attention_with_shares` on ``attention_inputs()``, with ``base_function``.
+
+    Returns:
+        The `(B, N, H * D)` attention output and the attention weights (``None`` unless computed).
+    """
+    path = choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout)
+    if path == "explicit" or (path == "eager" and base_is_eager):
+        outputs = parent_call(output_attentions or path == "eager")
+        if path == "eager":
+            probabilities = outputs[1]
+        else:
+            with torch.no_grad():
+                query, key, _, mask = attention_inputs()
+            probabilities = dropout_free_probabilities(query, key, mask, scaling)
+        if not aligner.closed:
+            aligner.update(mean_attended_shares(probabilities.detach(), aligner.attention_shares()))
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
+    query, key, value, mask = attention_inputs()
+    output, weights = attention_with_shares(
+        aligner, module, query, key, value, mask, dropout, scaling,
+        base_function=base_function, eager_function=eager_attention_forward, base_is_eager=base_is_eager,
+    )  # fmt: skip
+    return output.flatten(2), weights
+
+
+# -------------------------------------------------------------------------------------------------------- Swin V2
+class _TLAlignSwinv2SelfAttention(Swinv2SelfAttention):
+    """Swin V2's window attention that also feeds the aligner put on it for an aligned forward pass; without one,
+    the parent's forward. Converted models get this class in place of ``Swinv2SelfAttention`` (same weights).
+
+    The ``eager`` and ``explicit`` paths run the parent's forward (see :func:`_attention_with_aligner`). For the
+    ``value_channel`` path, cosine attention is written as scaled dot-product attention with scaling 1 of the
+    normalised queries times the clamped logit scale and the normalised keys, with the continuous position bias
+    (``16 * sigmoid``) and the shift mask (which ``Swinv2SelfAttention`` adds twice) as its additive mask.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        aligner = getattr(self, ALIGNER_ATTRIBUTE, None)
+        if aligner is None:
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        context, weights = _attention_with_aligner(
+            self, aligner, functools.partial(super().forward, hidden_states, attention_mask),
+            functools.partial(self._tl_align_attention_inputs, hidden_states, attention_mask), output_attentions,
+            self.dropout.p if self.training else 0.0, 1.0, eager_attention_forward, True,
+        )  # fmt: skip
+        return (context, weights) if output_attentions else (context,)
+
+    def _tl_align_attention_inputs(self, hidden_states, attention_mask):
+        """Query, key, value `(B * windows, H, N, D)` and the `(B * windows, H, N, N)` additive mask."""
+        batch_size, num_tokens, _ = hidden_states.shape  # (B * windows, window_size**2, C)
+        heads = (batch_size, num_tokens, self.num_attention_heads, self.attention_head_size)
+        query, key, value = (layer(hidden_states).view(heads).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)
+        query = torch.nn.functional.normalize(query, dim=-1) * logit_scale
+        key = torch.nn.functional.normalize(key, dim=-1)
+        bias_table = self.continuous_position_bias_mlp(self.relative_coords_table).view(-1, self.num_attention_heads)
+        bias = bias_table[self.relative_position_index.view(-1)].view(num_tokens, num_tokens, -1).permute(2, 0, 1)
+        mask = 16 * torch.sigmoid(bias).unsqueeze(0)  # (1, H, N, N)
+        if attention_mask is not None:  # (windows, N, N) shift mask, repeated over the images of the batch
+            num_windows = attention_mask.shape[0]
+            shift_mask = attention_mask[None, :, None]
+            mask = (mask[None] + shift_mask + shift_mask).expand(batch_size // num_windows, -1, -1, -1, -1)
+            mask = mask.reshape(batch_size, -1, num_tokens, num_tokens)
+        return query, key, value, mask
+
+
+class TLAlignSwinv2ForImageClassification(_SwinRouting, TLAlignMixin, Swinv2ForImageClassification):
+    """:class:`~transformers.Swinv2ForImageClassification` with token-label alignment.
+
+    The shares follow the tokens through the windows, shifts and patch merging exactly as for Swin (same hooks on
+    the Swin V2 layers and stages). Swin V2's attention runs outside the attention interface (cosine similarity,
+    clamped logit scale, continuous position bias); its modules become :class:`_TLAlignSwinv2SelfAttention`, which
+    computes each window's ``mean_h(P_h) @ s`` from those probabilities, before attention dropout. The blocks are
+    post-norm (``x + norm(attention(x))``): still one residual attention branch, so the rule is unchanged. The
+    aligned share is the mean of the final shares, as the classifier mean-pools the final tokens.
+    """
+
+    tl_align_parent = Swinv2ForImageClassification
+    tl_align_num_prefix_tokens = 0
+    tl_align_pooling = "patch_mean"
+    tl_align_attention_classes = {Swinv2SelfAttention: _TLAlignSwinv2SelfAttention}
+    tl_align_aligner_holders = (Swinv2Layer, Swinv2Stage)
+
+
+# ------------------------------------------------------------------------------------------------ Data2Vec-Vision
+_DATA2VEC_SDPA = functools.partial(sdpa_attention_forward, is_causal=False)
+
+
+class _TLAlignData2VecVisionAttention:
+    """Data2Vec-Vision's self-attention (eager or SDPA class) that also feeds the aligner put on it for an aligned
+    forward pass; without one, the parent's forward. The relative position biases (the layer's own and the shared
+    one) are the additive mask of :func:`~tl_align_hf.attention.attention_with_shares`, on every path."""
+
+    def forward(self, hidden_states, output_attentions=False, relative_position_bias=None, interpolate_pos_encoding=False, resolution=None):
+        aligner = getattr(self, ALIGNER_ATTRIBUTE, None)
+        if aligner is None:
+            return super().forward(hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution)
+        fused = isinstance(self, Data2VecVisionSdpaSelfAttention)
+        context, weights = _attention_with_aligner(
+            self, aligner,
+            lambda attentions: super(_TLAlignData2VecVisionAttention, self).forward(
+                hidden_states, attentions, relative_position_bias, interpolate_pos_encoding, resolution
+            ),
+            functools.partial(self._tl_align_attention_inputs, hidden_states, relative_position_bias, interpolate_pos_encoding, resolution),
+            output_attentions, self.dropout.p if self.training else 0.0, self.attention_head_size**-0.5,
+            _DATA2VEC_SDPA if fused else eager_attention_forward, not fused,
+        )  # fmt: skip
+        if fused:
+            return context, None
+        return (context, weights) if output_attentions else (context,)
+
+    def _tl_align_attention_inputs(self, hidden_states, relative_position_bias, interpolate_pos_encoding, resolution):
+        """Query, key, value `(B, H, N, D)` and the `(1, H, N, N)` relative position bias (or ``None``)."""
+        heads = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        query, key, value = (layer(hidden_states).view(heads).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        bias = relative_position_bias
+        if self.has_relative_position_bias:
+            grid = (resolution[0] // self.config.patch_size, resolution[1] // self.config.patch_size)
+            own_bias = self.relative_position_bias(grid, interpolate_pos_encoding, dim_size=hidden_states.shape[1])
+            bias = own_bias if bias is None else own_bias + bias
+        return query, key, value, bias
+
+
+class _TLAlignData2VecVisionSelfAttention(_TLAlignData2VecVisionAttention, Data2VecVisionSelfAttention):
+    pass
+
+
+class _TLAlignData2VecVisionSdpaSelfAttention(_TLAlignData2VecVisionAttention, Data2VecVisionSdpaSelfAttention):
+    pass
+
+
+class TLAlignData2VecVisionForImageClassification(TLAlignMixin, Data2VecVisionForImageClassification):
+    """:class:`~transformers.Data2VecVisionForImageClassification` with token-label alignment.
+
+    The BEiT computation (CLS token, relative position bias, mean pooling) with Data2Vec-Vision's own eager and SDPA
+    attention classes, which run outside the attention interface: they become aligned subclasses (same weights).
+    The read-out follows ``config.use_mean_pooling`` as for BEiT: the mean patch share, or the CLS share.
+    """
+
+    tl_align_parent = Data2VecVisionForImageClassification
+    tl_align_num_prefix_tokens = 1
+    tl_align_attention_classes = {
+        Data2VecVisionSelfAttention: _TLAlignData2VecVisionSelfAttention,
+        Data2VecVisionSdpaSelfAttention: _TLAlignData2VecVisionSdpaSelfAttention,
+    }
+
+    @property
+    def tl_align_pooling(self) -> str:
+        return "patch_mean" if self.config.use_mean_pooling else "cls"
+
+
+# -------------------------------------------------------------------------------------------- SigLIP 2 (NaFlex)
+def _masked_mean_shares(shares: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+    """`(B, N)` shares, `(B, N)` mask of the real patches -> `(B, 1)` mean share of the real patches."""
+    weights = pool_mask.to(shares.dtype)
+    return ((shares * weights).sum(dim=1) / weights.sum(dim=1))[:, None]
+
+
+def _forward_then_pool_shares(parent_forward, model, *, token_label_aligner, **arguments):
+    """The parent's forward, then the shares pooled as the classifier pools the tokens: the mean over the real
+    patches of ``pixel_attention_mask`` (all tokens without one)."""
+    outputs = parent_forward(model, token_label_aligner=token_label_aligner, **arguments)
+    pool_mask = arguments.get("pixel_attention_mask")
+    if pool_mask is not None:
+        token_label_aligner.merge_tokens(functools.partial(_masked_mean_shares, pool_mask=pool_mask))
+    return outputs
+
+
+class TLAlignSiglip2ForImageClassification(TLAlignMixin, Siglip2ForImageClassification):
+    """:class:`~transformers.Siglip2ForImageClassification` (NaFlex) with token-label alignment.
+
+    SigLIP 2 takes each image as a padded sequence of patches: ``pixel_values`` `(B, N, C * P * P)`, with
+    ``pixel_attention_mask`` `(B, N)` (1 for the image's patches, 0 for padding) and ``spatial_shapes`` `(B, 2)`
+    (each image's own patch grid, row-major at the start of its sequence). ``token_weights`` `(B, N)` cover the same
+    padded sequence. Padded patches are masked out of the attention as keys, so they never reach a real token, and
+    out of the read-out: the aligned share is the mean share of each image's real patches, as the classifier averages
+    them (no CLS token). Whatever ``token_weights`` hold at padded positions has no effect.
+    """
+
+    tl_align_parent = Siglip2ForImageClassification
+    tl_align_num_prefix_tokens = 0
+    tl_align_pooling = "patch_mean"
+    tl_align_kwargs_dropped_by = (Siglip2Attention,)
+
+    @property
+    def tl_align_image_size(self) -> None:
+        return None  # NaFlex: each image keeps its own size
+
+    def tl_align_num_patches(self, pixel_values: torch.Tensor) -> int:
+        if pixel_values.dim() != 3:
+            raise ValueError(
+                "Siglip2ForImageClassification takes `pixel_values` as patch sequences (batch_size, num_patches, "
+                f"channels * patch_size**2) with `pixel_attention_mask` and `spatial_shapes`, got shape "
+                f"{tuple(pixel_values.shape)}. Prepare the images with Siglip2ImageProcessor."
+            )
+        return pixel_values.shape[1]
+
+    def tl_align_forward(self, parent_forward, arguments, labels, mix_index, token_weights, mix_lam, target_smoothing):
+        forward = functools.partial(_forward_then_pool_shares, parent_forward)
+        return super().tl_align_forward(forward, arguments, labels, mix_index, token_weights, mix_lam, target_smoothing)
 
 
 ALIGNED_CLASSES: dict[type[PreTrainedModel], type[TLAlignMixin]] = {
@@ -491,7 +787,122 @@ ALIGNED_CLASSES: dict[type[PreTrainedModel], type[TLAlignMixin]] = {
     MetaClip2ForImageClassification: TLAlignMetaClip2ForImageClassification,
     SiglipForImageClassification: TLAlignSiglipForImageClassification,
     SwinForImageClassification: TLAlignSwinForImageClassification,
+    Swinv2ForImageClassification: TLAlignSwinv2ForImageClassification,
+    Data2VecVisionForImageClassification: TLAlignData2VecVisionForImageClassification,
+    Siglip2ForImageClassification: TLAlignSiglip2ForImageClassification,
 }
+
+
+_CONVOLUTIONAL = "a convolutional network: it has no attention to follow the labels through"
+_TRY_VIT = "Nearest supported: a ViT of similar size (ViT, DeiT, BEiT, DINOv2) or Swin / Swin V2"
+_TRY_SWIN = "Nearest supported: Swin or Swin V2 (hierarchical, windowed attention only)"
+_TIMM_DINOV3 = (
+    "Fine-tune DINOv3 with TL-Align through timm: TimmWrapperForImageClassification of `vit_small_patch16_dinov3` "
+    "or `vit_base_patch16_dinov3` (the `timm/vit_small_patch16_dinov3.lvd1689m`, `timm/vit_base_patch16_dinov3."
+    "lvd1689m` checkpoints: AutoModelForImageClassification.from_pretrained('timm/vit_base_patch16_dinov3.lvd1689m'))"
+)
+# model_type -> (what keeps TL-Align from following the labels, the nearest supported alternative)
+UNSUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
+    **{
+        model_type: (_CONVOLUTIONAL, _TRY_VIT)
+        for model_type in (
+            "bit", "convnext", "convnextv2", "dinov3_convnext", "efficientnet", "hgnet_v2", "mobilenet_v1",
+            "mobilenet_v2", "pp_lcnet", "regnet", "resnet", "textnet",
+        )
+    },
+    "poolformer": ("its token mixer is average pooling, not attention", _TRY_VIT),
+    "focalnet": ("focal modulation (depth-wise convolutions and gating) mixes the tokens instead of attention", _TRY_SWIN),
+    "cvt": (
+        "convolutional token embeddings and convolutional query/key/value projections mix neighbouring tokens "
+        "outside the attention probabilities",
+        _TRY_VIT,
+    ),
+    "pvt": (
+        "spatial-reduction attention: keys and values come from a strided convolution over the token grid, so the "
+        "attention does not run between the tokens themselves",
+        _TRY_SWIN,
+    ),
+    "pvt_v2": (
+        "spatial-reduction attention (keys and values from a strided convolution or pooling), overlapping "
+        "convolutional patch embeddings and a depth-wise convolution in every MLP mix tokens outside attention",
+        _TRY_SWIN,
+    ),
+    "segformer": (
+        "its attention uses the attention interface, but keys and values come from a strided convolution (spatial "
+        "reduction), the patch embeddings overlap and the Mix-FFN has a depth-wise convolution: tokens mix outside "
+        "attention",
+        _TRY_SWIN,
+    ),
+    "mobilevit": (
+        "MobileNetV2 convolution blocks, and unfold/fold around the transformer, mix pixels outside attention",
+        "Nearest supported: a small ViT such as DeiT-Tiny",
+    ),
+    "mobilevitv2": (
+        "separable linear attention (one context score per token, no token-to-token probabilities) between "
+        "convolution blocks",
+        "Nearest supported: a small ViT such as DeiT-Tiny",
+    ),
+    "swiftformer": (
+        "efficient additive attention (no token-to-token probabilities) between convolutional encoders",
+        "Nearest supported: a small ViT such as DeiT-Tiny",
+    ),
+    "levit": (
+        "a convolutional stem, and attention blocks that subsample the queries (tokens merge inside attention, with "
+        "no residual)",
+        "Nearest supported: DeiT (LeViT's distilled training is DeiT's), with or without teacher",
+    ),
+    "hiera": (
+        "mask-unit attention with query pooling (tokens merge inside attention) in its own attention module, outside "
+        "transformers' attention interface",
+        _TRY_SWIN,
+    ),
+    "dinat": ("neighbourhood attention from the natten kernels, with convolutional downsampling between stages", _TRY_SWIN),
+    "donut-swin": (
+        "Donut's encoder copies Swin V1 into its own classes, with attention outside transformers' attention "
+        "interface",
+        "Nearest supported: SwinForImageClassification",
+    ),
+    "perceiver": (
+        "cross-attention from a learned latent array: the classifier reads latents that are not image tokens",
+        _TRY_VIT,
+    ),
+    "imagegpt": (
+        "it reads colour-cluster ids of single pixels (`input_ids`), not patches of `pixel_values`",
+        _TRY_VIT,
+    ),
+    "shieldgemma2": (
+        "a vision-language safety classifier: its scores are Gemma 3's generated yes/no answers, not a read-out of "
+        "image tokens",
+        "Nearest supported: SigLIP 2 (Siglip2ForImageClassification), the family of Gemma 3's vision tower",
+    ),
+    "dinov3_vit": (
+        "transformers has no DINOv3 image-classification class (AutoModelForImageClassification does not map "
+        "dinov3_vit; DINOv3ViTModel has no head)",
+        _TIMM_DINOV3,
+    ),
+}
+
+
+def _refusal(model: torch.nn.Module) -> str:
+    """Why ``model`` is not supported and what to use instead: the family's own obstacle, or, for a supported family
+    loaded without its image-classification head, the class to load."""
+    supported = ", ".join(cls.__name__ for cls in ALIGNED_CLASSES)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    head = f"TL-Align does not support {type(model).__name__} (model_type={model_type!r})"
+    if model_type in UNSUPPORTED_FAMILIES:
+        obstacle, alternative = UNSUPPORTED_FAMILIES[model_type]
+        return f"{head}: {obstacle}. {alternative}. Supported classes: {supported}."
+    same_family = [cls.__name__ for cls in ALIGNED_CLASSES if getattr(cls, "config_class", None) is type(model.config)]
+    if same_family:
+        return (
+            f"{head}: TL-Align trains image classifiers. Load the checkpoint with AutoModelForImageClassification "
+            f"({' or '.join(same_family)}). Supported classes: {supported}."
+        )
+    return (
+        f"{head}: its family has not been checked. TL-Align follows the labels through attention, so it needs "
+        "blocks whose tokens mix only through attention (one residual attention branch per block) and a classifier "
+        f"that reads a mean of the final tokens or a class token. Supported classes: {supported}."
+    )
 
 
 def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
@@ -512,15 +923,7 @@ def to_tl_align(model: PreTrainedModel) -> PreTrainedModel:
         return model
     aligned_class = ALIGNED_CLASSES.get(type(model))
     if aligned_class is None:
-        supported = ", ".join(cls.__name__ for cls in ALIGNED_CLASSES)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise ValueError(
-            f"TL-Align does not support {type(model).__name__} (model_type={model_type!r}). Supported classes: "
-            f"{supported}. TL-Align follows the labels through attention, so it needs pre-norm residual attention "
-            "blocks that run through transformers' attention interface and a known read-out; convolutional and "
-            "hybrid models and the families implemented otherwise (Swinv2, Hiera, PVT, MobileViT, ...) are not "
-            "supported."
-        )
+        raise ValueError(_refusal(model))
     aligned_class.tl_align_check_supported(model)
     model.__class__ = aligned_class
     model.tl_align_route_attention()

@@ -20,7 +20,7 @@ from .checkpoints import (
     check_writable,
     recorded_training,
 )
-from .collator import TLAlignCollator
+from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
 from .data import set_train_epoch
 from .losses import alignment_metrics, mixed_batch_loss
@@ -195,8 +195,10 @@ class TLAlignTrainer(Trainer):
         With `num_items_in_batch` (the samples of all accumulated micro-batches, across processes), the loss is
         the sum over this micro-batch divided by it, so gradient accumulation equals one large batch.
         """
+        # the pixels, and for SigLIP 2 (NaFlex) patch sequences their mask and grids
+        image_inputs = {key: inputs[key] for key in PATCH_SEQUENCE_KEYS if key in inputs}
         if not model.training:
-            outputs = model(pixel_values=inputs["pixel_values"])
+            outputs = model(**image_inputs)
             loss = torch.nn.functional.cross_entropy(outputs.logits.float(), inputs["labels"])
             return (loss, outputs) if return_outputs else loss
         missing = [name for name in MIXING_KEYS if name not in inputs]
@@ -212,7 +214,7 @@ class TLAlignTrainer(Trainer):
             inputs = {**inputs, "mix_index": torch.arange(batch_size, device=inputs["labels"].device),
                       "mix_lam": torch.ones(batch_size, device=inputs["labels"].device)}  # fmt: skip
         aligned = self.args.tl_align and not missing
-        outputs = model(pixel_values=inputs["pixel_values"], **({name: inputs[name] for name in MIXING_KEYS} if aligned else {}))
+        outputs = model(**image_inputs, **({name: inputs[name] for name in MIXING_KEYS} if aligned else {}))
         scale_over_processes = num_items_in_batch is not None and self.args.average_tokens_across_devices
         loss, alignment_sums = mixed_batch_loss(
             outputs,
