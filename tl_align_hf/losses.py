@@ -55,6 +55,11 @@ def mixing_loss(
     """Soft-target cross-entropy of `(B, C)` ``logits`` against :func:`mixed_soft_targets`."""
     if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+    if logits.shape[-1] < 2:  # one class: every target is that class, the loss 0 and the gradient 0
+        raise ValueError(
+            f"The logits have {logits.shape[-1]} class (the model's num_labels={logits.shape[-1]}): a mixed target is "
+            "a share between two labels, so TL-Align needs num_labels >= 2 (the number of classes of the data)."
+        )
     _check_labels(logits, labels, mix_index, own_share)
     targets = mixed_soft_targets(labels, mix_index, own_share, logits.shape[-1], label_smoothing)
     return soft_target_cross_entropy(logits, targets, reduction)

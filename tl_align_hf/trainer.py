@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
-import numpy as np
 import torch
+from datasets import ClassLabel
 from transformers import DefaultDataCollator, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
@@ -64,6 +65,59 @@ def _as_tl_align_config(args: TrainingArguments | None) -> TLAlignConfig:
     return config
 
 
+def _check_single_label_problem(config) -> None:
+    """TL-Align trains against mixes of two single-label targets: refuse multi-label and regression models."""
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type in (None, "single_label_classification"):
+        return
+    raise ValueError(
+        f"TL-Align trains single-label classifiers (a mixed target is a share between two class labels, trained with "
+        f"softmax cross-entropy), but the model has problem_type={problem_type!r}: its labels and loss are not "
+        f"single-label, and the saved config would still say {problem_type!r}. For single-label data, load the model "
+        "with problem_type='single_label_classification' (or set model.config.problem_type = None) and integer "
+        "labels; train multi-label or regression models with a plain Trainer."
+    )
+
+
+def _takes_interpolate_pos_encoding(model) -> bool:
+    """Whether the model's forward takes `interpolate_pos_encoding`: in its own signature, or passed through its
+    `**kwargs` to a vision tower that takes it (CLIP, MetaCLIP 2)."""
+    parent = getattr(model, "tl_align_parent", type(model))
+    forwards = (parent.forward, getattr(getattr(model, "vision_model", None), "forward", None))
+    return any(forward is not None and "interpolate_pos_encoding" in inspect.signature(forward).parameters for forward in forwards)
+
+
+def _check_interpolates(model) -> None:
+    """`interpolate_pos_encoding=True` needs a model that takes it, or one that takes any image size anyway."""
+    image_size = getattr(model, "tl_align_image_size", None)
+    if image_size is None or _takes_interpolate_pos_encoding(model):
+        return
+    raise ValueError(
+        f"interpolate_pos_encoding=True (--interpolate_pos_encoding), but {type(model).__name__} does not take it and "
+        f"only takes images of its image_size {image_size}. For a timm ViT, build the model with "
+        "model_args={'dynamic_img_size': True} (it then takes any size that is a whole number of patches); "
+        "otherwise resize the images to the model's image_size and leave interpolate_pos_encoding off."
+    )
+
+
+def _check_class_label_feature(split_name: str, dataset, label_column_name: str | None, num_labels: int | None) -> None:
+    """A `ClassLabel` label column with more classes than the model, read from the dataset's features alone (cheap,
+    and known for streaming datasets too); the collator checks the labels of every batch."""
+    if isinstance(dataset, dict):  # several evaluation datasets
+        for name, split in dataset.items():
+            _check_class_label_feature(f"{split_name}[{name!r}]", split, label_column_name, num_labels)
+        return
+    features = getattr(dataset, "features", None) or {}
+    column = next((name for name in ([label_column_name] if label_column_name else ["labels", "label"]) if name in features), None)
+    if num_labels is not None and column is not None and isinstance(features[column], ClassLabel):
+        num_classes = features[column].num_classes
+        if num_classes > num_labels:
+            raise ValueError(
+                f"{split_name} has {num_classes} classes in its label column {column!r} (a ClassLabel), outside the "
+                f"model's classes [0, {num_labels}): check the label column and the model's num_labels / label2id."
+            )
+
+
 class TLAlignTrainer(Trainer):
     """Trainer for aligned image classifiers; a drop-in for `Trainer` in image-classification scripts.
 
@@ -93,6 +147,7 @@ class TLAlignTrainer(Trainer):
                 f"TL-Align needs at least two classes, but the model has num_labels={num_labels}: a mixed target is a "
                 "share between two labels (with one class the loss is 0 and the accuracy 1). Check the label column."
             )
+        _check_single_label_problem(model.config)
         default_collator = data_collator is default_data_collator or isinstance(data_collator, DefaultDataCollator)
         if default_collator and args.mixing_method != "none":
             raise ValueError(
@@ -104,6 +159,10 @@ class TLAlignTrainer(Trainer):
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
         model.tl_align_attention_path = args.tl_align_attention_path
+        if args.interpolate_pos_encoding:
+            _check_interpolates(model)
+        interpolate = args.interpolate_pos_encoding and _takes_interpolate_pos_encoding(model)
+        self._model_kwargs = {"interpolate_pos_encoding": True} if interpolate else {}  # every forward call's, besides the batch
         if data_collator is None:
             data_collator = TLAlignCollator.from_model(model, args, seed=args.seed, rank=args.process_index)
         super().__init__(
@@ -113,30 +172,16 @@ class TLAlignTrainer(Trainer):
             compute_metrics=compute_metrics or compute_accuracy_metrics,
             **kwargs,
         )
-        self._check_labels_in_range(num_labels)
+        if self.args.label_names is None:  # the batch contract's key, also for models whose forward takes no labels
+            self.label_names = ["labels"]  # (DeiT with teacher): evaluation then reports the loss and the accuracy
+        for split_name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            _check_class_label_feature(split_name, dataset, getattr(self.data_collator, "label_column_name", None), num_labels)
         self._alignment_sums = None  # summed `mixed_batch_loss` statistics since the last log, on the device
         self._non_finite_loss = None  # a device flag: some training loss since the last log was NaN or infinite
         self._last_logged_step = 0
         self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
         self.add_callback(TrainingRecord(training_settings(args, args.tl_align, args.label_smoothing), args.world_size))
         self.add_callback(_EpochCallback(self))
-
-    def _check_labels_in_range(self, num_labels: int | None) -> None:
-        """Labels of the datasets' label column must be class ids of the model: checked now, not after training."""
-        column = getattr(self.data_collator, "label_column_name", None)
-        for split_name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
-            if not hasattr(dataset, "with_format") or num_labels is None:
-                continue
-            names = [column] if column else [name for name in ("labels", "label") if name in dataset.column_names]
-            if not names or names[0] not in dataset.column_names:
-                continue
-            labels = np.asarray(dataset.with_format(None)[names[0]])  # the raw column: no transform, no decoding
-            bad = np.unique(labels[(labels < 0) | (labels >= num_labels)]).tolist() if labels.dtype.kind in "iu" else []
-            if bad:
-                raise ValueError(
-                    f"{split_name} has labels {bad[:10]} in column {names[0]!r} outside the model's classes [0, "
-                    f"{num_labels}): check the label column and the model's num_labels / label2id."
-                )
 
     # ----------------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
@@ -191,7 +236,7 @@ class TLAlignTrainer(Trainer):
         the sum over this micro-batch divided by it, so gradient accumulation equals one large batch.
         """
         if not model.training:
-            outputs = model(pixel_values=inputs["pixel_values"])
+            outputs = model(pixel_values=inputs["pixel_values"], **self._model_kwargs)
             loss = torch.nn.functional.cross_entropy(outputs.logits.float(), inputs["labels"])
             return (loss, outputs) if return_outputs else loss
         missing = [name for name in MIXING_KEYS if name not in inputs]
@@ -207,7 +252,8 @@ class TLAlignTrainer(Trainer):
             inputs = {**inputs, "mix_index": torch.arange(batch_size, device=inputs["labels"].device),
                       "mix_lam": torch.ones(batch_size, device=inputs["labels"].device)}  # fmt: skip
         aligned = self.args.tl_align and not missing
-        outputs = model(pixel_values=inputs["pixel_values"], **({name: inputs[name] for name in MIXING_KEYS} if aligned else {}))
+        mixing = {name: inputs[name] for name in MIXING_KEYS} if aligned else {}
+        outputs = model(pixel_values=inputs["pixel_values"], **mixing, **self._model_kwargs)
         scale_over_processes = num_items_in_batch is not None and self.args.average_tokens_across_devices
         loss, alignment_sums = mixed_batch_loss(
             outputs,
@@ -221,6 +267,11 @@ class TLAlignTrainer(Trainer):
         non_finite = ~torch.isfinite(loss.detach())  # kept on the device; read when logging
         self._non_finite_loss = non_finite if self._non_finite_loss is None else self._non_finite_loss | non_finite
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """`Trainer.prediction_step`, with the trainer's model arguments (`interpolate_pos_encoding`) also for
+        batches without labels, which `Trainer` passes to the model as they are."""
+        return super().prediction_step(model, {**inputs, **self._model_kwargs}, prediction_loss_only, ignore_keys)
 
     # ----------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
