@@ -29,18 +29,25 @@ class _EpochCallback(TrainerCallback):
     """Tells the collator and a `TrainTransform` attached with `with_transform` the epoch, before its loader starts.
 
     Both derive their randomness from the epoch (and the data), so each epoch draws anew and a resumed run draws
-    what the uninterrupted run drew.
+    what the uninterrupted run drew. The epochs are counted here, from the one a run starts (or resumes) in:
+    `state.epoch` cannot say it for iterable datasets, whose fraction of an epoch is counted in `max_steps`.
     """
 
     def __init__(self, trainer: TLAlignTrainer):
         self.trainer = trainer
+        self.epoch = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.epoch = int((state.epoch or 0.0) + 1e-6)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        epoch = int((state.epoch or 0.0) + 1e-6)
         if self.trainer.train_dataset is not None:
-            set_train_epoch(self.trainer.train_dataset, epoch)
+            set_train_epoch(self.trainer.train_dataset, self.epoch)
         if isinstance(self.trainer.data_collator, TLAlignCollator):
-            self.trainer.data_collator.set_epoch(epoch)
+            self.trainer.data_collator.set_epoch(self.epoch)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch += 1
 
 
 def _as_tl_align_config(args: TrainingArguments | None) -> TLAlignConfig:
