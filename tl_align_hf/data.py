@@ -294,6 +294,16 @@ def processor_image_size(image_processor) -> tuple[int, int]:
     )
 
 
+def processor_resolution_differs(model, image_processor) -> bool:
+    """Whether `image_processor` gives images of another size than the one the model is built for (a 224 checkpoint
+    fine-tuned at 384): `False` for models that take any size (DINOv2, timm ViTs with `dynamic_img_size`)."""
+    model_size = getattr(model, "tl_align_image_size", None)
+    if model_size is None:
+        return False
+    model_size = (model_size, model_size) if isinstance(model_size, int) else tuple(model_size)
+    return processor_image_size(image_processor) != model_size
+
+
 def _size_field(size: Any, key: str) -> int | None:
     return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
 
