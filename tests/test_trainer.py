@@ -378,3 +378,23 @@ def test_train_distilled_deit_with_accuracy_as_the_metric_for_the_best_model(tmp
     assert len(evaluations) == 2 and all("eval_loss" in entry for entry in evaluations)
     assert trainer.state.best_metric == max(entry["eval_accuracy"] for entry in evaluations)
     assert trainer.state.best_model_checkpoint is not None
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_raises_error_when_the_model_is_multi_label_or_regression(tmp_path, problem_type):
+    """Training would be single-label softmax cross-entropy while the saved config still says `problem_type`."""
+    model = tiny_model(ViTForImageClassification, problem_type=problem_type)
+    with pytest.raises(ValueError, match=rf"problem_type='{problem_type}'.*problem_type='single_label_classification'"):
+        TLAlignTrainer(model=model, args=make_args(tmp_path))
+    assert type(model) is ViTForImageClassification  # refused before anything changed
+
+
+def test_raises_error_when_the_aligned_loss_has_one_class():
+    """The model's own loss with `num_labels=1` and mixing arguments would be 0 with a zero gradient."""
+    from .tiny_models import aligned_copy, mixed_batch
+
+    model = aligned_copy(tiny_model(ViTForImageClassification, num_labels=1))
+    batch = mixed_batch("binary")
+    mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}
+    with pytest.raises(ValueError, match=r"the model's num_labels=1\): .*TL-Align needs num_labels >= 2"):
+        model(batch["pixel_values"], labels=torch.zeros_like(batch["labels"]), **mixing)
