@@ -86,19 +86,20 @@ def _check_single_label_problem(config) -> None:
     )
 
 
-def _takes_interpolate_pos_encoding(model) -> bool:
-    """Whether the model's forward takes `interpolate_pos_encoding`: in its own signature, or passed through its
-    `**kwargs` to a vision tower that takes it (CLIP, MetaCLIP 2)."""
+def _interpolation_kwargs(model, interpolate_pos_encoding: bool) -> dict[str, bool]:
+    """What `interpolate_pos_encoding=True` adds to every forward call: `{"interpolate_pos_encoding": True}` where the
+    forward takes it (in its own signature, or through its `**kwargs` to a vision tower that takes it: CLIP,
+    MetaCLIP 2), nothing for models that take any image size (DINOv2, timm ViTs with `dynamic_img_size`), and a
+    ValueError for the others."""
+    if not interpolate_pos_encoding:
+        return {}
     parent = getattr(model, "tl_align_parent", type(model))
     forwards = (parent.forward, getattr(getattr(model, "vision_model", None), "forward", None))
-    return any(forward is not None and "interpolate_pos_encoding" in inspect.signature(forward).parameters for forward in forwards)
-
-
-def _check_interpolates(model) -> None:
-    """`interpolate_pos_encoding=True` needs a model that takes it, or one that takes any image size anyway."""
+    if any(forward is not None and "interpolate_pos_encoding" in inspect.signature(forward).parameters for forward in forwards):
+        return {"interpolate_pos_encoding": True}
     image_size = getattr(model, "tl_align_image_size", None)
-    if image_size is None or _takes_interpolate_pos_encoding(model):
-        return
+    if image_size is None:
+        return {}
     raise ValueError(
         f"interpolate_pos_encoding=True (--interpolate_pos_encoding), but {type(model).__name__} does not take it and "
         f"only takes images of its image_size {image_size}. For a timm ViT, build the model with "
@@ -166,10 +167,7 @@ class TLAlignTrainer(Trainer):
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
         model.tl_align_attention_path = args.tl_align_attention_path
-        if args.interpolate_pos_encoding:
-            _check_interpolates(model)
-        interpolate = args.interpolate_pos_encoding and _takes_interpolate_pos_encoding(model)
-        self._model_kwargs = {"interpolate_pos_encoding": True} if interpolate else {}  # every forward call's, besides the batch
+        self._model_kwargs = _interpolation_kwargs(model, args.interpolate_pos_encoding)  # every forward's, besides the batch
         if data_collator is None:
             data_collator = TLAlignCollator.from_model(model, args, seed=args.seed, rank=args.process_index)
         super().__init__(
