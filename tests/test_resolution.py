@@ -184,3 +184,15 @@ def test_example_script_trains_at_the_image_processor_size(digits, tiny_checkpoi
                       "--image_processor_name", str(processor_folder))  # fmt: skip
     metrics = example.main(argv)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["train_loss"] > 0
+
+
+def test_no_trainer_script_trains_at_the_image_processor_size(digits, tmp_path):
+    """A 16 px checkpoint saved with a 24 px image processor: the Accelerate example interpolates by itself too."""
+    from .test_no_trainer import no_trainer, run_arguments
+
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model(ViTForImageClassification, "sdpa", image_size=CHECKPOINT_SIZE, num_hidden_layers=2).save_pretrained(checkpoint)
+    default_image_processor(TRAINING_SIZE).save_pretrained(checkpoint)
+    options = {"--max_train_steps": "2", "--mixing_method": "cutmix", "--max_eval_samples": "16"}
+    results = no_trainer.main(run_arguments(digits, checkpoint, tmp_path / "run", options) + ["--cpu"])
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and results["eval_samples"] == 16

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 
 import torch
@@ -15,7 +14,7 @@ from transformers.utils import logging
 from .checkpoints import TrainingRecord, atomic_checkpoint_save, check_writable, training_settings
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
-from .data import set_train_epoch
+from .data import interpolation_kwargs, set_train_epoch
 from .losses import alignment_metrics, mixed_batch_loss
 from .metrics import compute_accuracy_metrics
 from .mixer import MIXING_KEYS
@@ -86,28 +85,6 @@ def _check_single_label_problem(config) -> None:
     )
 
 
-def _interpolation_kwargs(model, interpolate_pos_encoding: bool) -> dict[str, bool]:
-    """What `interpolate_pos_encoding=True` adds to every forward call: `{"interpolate_pos_encoding": True}` where the
-    forward takes it (in its own signature, or through its `**kwargs` to a vision tower that takes it: CLIP,
-    MetaCLIP 2), nothing for models that take any image size (DINOv2, timm ViTs with `dynamic_img_size`), and a
-    ValueError for the others."""
-    if not interpolate_pos_encoding:
-        return {}
-    parent = getattr(model, "tl_align_parent", type(model))
-    forwards = (parent.forward, getattr(getattr(model, "vision_model", None), "forward", None))
-    if any(forward is not None and "interpolate_pos_encoding" in inspect.signature(forward).parameters for forward in forwards):
-        return {"interpolate_pos_encoding": True}
-    image_size = getattr(model, "tl_align_image_size", None)
-    if image_size is None:
-        return {}
-    raise ValueError(
-        f"interpolate_pos_encoding=True (--interpolate_pos_encoding), but {type(model).__name__} does not take it and "
-        f"only takes images of its image_size {image_size}. For a timm ViT, build the model with "
-        "model_args={'dynamic_img_size': True} (it then takes any size that is a whole number of patches); "
-        "otherwise resize the images to the model's image_size and leave interpolate_pos_encoding off."
-    )
-
-
 def _check_class_label_feature(split_name: str, dataset, label_column_name: str | None, num_labels: int | None) -> None:
     """A `ClassLabel` label column with more classes than the model, read from the dataset's features alone (cheap,
     and known for streaming datasets too); the collator checks the labels of every batch."""
@@ -167,7 +144,7 @@ class TLAlignTrainer(Trainer):
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
         model.tl_align_attention_path = args.tl_align_attention_path
-        self._model_kwargs = _interpolation_kwargs(model, args.interpolate_pos_encoding)  # every forward's, besides the batch
+        self._model_kwargs = interpolation_kwargs(model, args.interpolate_pos_encoding)  # every forward's, besides the batch
         if data_collator is None:
             data_collator = TLAlignCollator.from_model(model, args, seed=args.seed, rank=args.process_index)
         super().__init__(
