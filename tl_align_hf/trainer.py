@@ -110,7 +110,9 @@ class TLAlignTrainer(Trainer):
     is [`mixed_batch_loss`]: the soft-target cross-entropy against the aligned target (or the area target with
     `args.tl_align=False`). Evaluation and prediction run unmixed, with plain cross-entropy, top-1 and top-5 accuracy.
     Next to the loss, the trainer logs the means over all processes of `mix_lam`, `aligned_lam` and
-    `alignment_gap` (their mean absolute difference).
+    `alignment_gap` (their mean absolute difference). Any dataset works, iterable ones included (streaming `datasets`,
+    torch's `IterableDataset`; give `max_steps`): the collator checks each batch's labels against the model's classes.
+    With `args.interpolate_pos_encoding` every forward call interpolates the position embeddings to the image size.
 
     Args:
         model: an aligned model, or a vanilla model of a supported class (converted in place by `to_tl_align`).
