@@ -46,6 +46,7 @@ from tl_align_hf.data import (
     load_image_dataset,
     make_transforms,
     prepare_image_dataset,
+    processor_resolution_differs,
 )
 from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
 
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_data(data_args, model_args, training_args)
     label2id, id2label = label_maps(dataset, data_args.label_column_name)
     model, image_processor = load_model_and_processor(model_args, label2id, id2label)
+    if not training_args.interpolate_pos_encoding and processor_resolution_differs(model, image_processor):
+        training_args.interpolate_pos_encoding = True  # e.g. a 224 checkpoint with a 384 image processor
+        logger.info("The image processor's size differs from the model's image_size: interpolate_pos_encoding=True.")
 
     # Transforms, applied on the fly with `with_transform`.
     train_transform, eval_transform = make_transforms(

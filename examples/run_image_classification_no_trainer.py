@@ -70,8 +70,10 @@ from tl_align_hf.data import (
     DEIT_RECIPE,
     default_image_processor,
     deit_augmentation,
+    interpolation_kwargs,
     make_transforms,
     prepare_image_dataset,
+    processor_resolution_differs,
 )
 from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
 from tl_align_hf.metrics import ACCURACY_METRIC_PATH
@@ -134,6 +136,9 @@ def parse_args(argv=None):
     parser.add_argument("--label_smoothing", type=float, default=0.1, help="Label smoothing of each one-hot before mixing.")
     parser.add_argument("--tl_align_attention_path", type=str, default="auto", choices=ATTENTION_PATHS,
                         help="How token shares are computed from attention.")  # fmt: skip
+    parser.add_argument("--interpolate_pos_encoding", type=transformers.hf_argparser.string_to_bool, default=False,
+                        nargs="?", const=True, help="Train at an image size other than the model's image_size (set "
+                        "by itself when the image processor's size differs).")  # fmt: skip
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes per process.")
     parser.add_argument("--horizontal_flip", type=transformers.hf_argparser.string_to_bool, default=True, nargs="?",
                         const=True, help="Random horizontal flips in training.")  # fmt: skip
@@ -286,6 +291,9 @@ def main(argv=None):
         )
     model = to_tl_align(model)
     model.tl_align_attention_path = args.tl_align_attention_path
+    # At the image processor's size: a checkpoint fine-tuned at a higher resolution interpolates its position embeddings.
+    interpolate = args.interpolate_pos_encoding or processor_resolution_differs(model, image_processor)
+    model_kwargs = interpolation_kwargs(model, interpolate)
 
     # Preprocessing the datasets: torchvision augmentation sized from the image processor for training (seeded per
     # example, so a resumed run crops as the uninterrupted run did), the image processor itself for evaluation.
@@ -307,7 +315,8 @@ def main(argv=None):
         eval_dataset = dataset["validation"].with_transform(val_transforms)
 
     # DataLoaders creation: mixed batches for training (each process mixes its own), unmixed for evaluation.
-    collator = TLAlignCollator.from_model(model, args.mixing, seed=args.seed, rank=accelerator.process_index)
+    collator = TLAlignCollator.from_model(model, args.mixing, seed=args.seed, rank=accelerator.process_index,
+                                          **({"image_size": None} if interpolate else {}))  # fmt: skip
     train_dataloader = DataLoader(
         train_dataset,
         shuffle=True,
@@ -428,7 +437,7 @@ def main(argv=None):
         for batch in active_dataloader:
             with accelerator.accumulate(model):
                 mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")} if args.tl_align else {}
-                outputs = model(pixel_values=batch["pixel_values"], **mixing)
+                outputs = model(pixel_values=batch["pixel_values"], **mixing, **model_kwargs)
                 loss, alignment_sums = mixed_batch_loss(
                     outputs, batch, tl_align=args.tl_align, label_smoothing=args.label_smoothing
                 )
@@ -468,7 +477,7 @@ def main(argv=None):
         eval_loss, eval_count = 0.0, 0
         for batch in eval_dataloader:
             with torch.no_grad():
-                logits = model(pixel_values=batch["pixel_values"]).logits
+                logits = model(pixel_values=batch["pixel_values"], **model_kwargs).logits
             logits, references = accelerator.gather_for_metrics((logits, batch["labels"]))
             eval_loss += torch.nn.functional.cross_entropy(logits.float(), references, reduction="sum").item()
             eval_count += len(references)

@@ -298,8 +298,9 @@ def test_unreadable_images_are_listed_before_training_and_named_when_met(tmp_pat
 
 def test_validation_labels_out_of_range_and_empty_selections_fail_when_the_data_is_loaded(tmp_path):
     eval_dataset = image_dataset(4).with_format(None).map(lambda example: {"label": NUM_LABELS + 2}).with_format("torch")
-    with pytest.raises(ValueError, match=rf"eval_dataset has labels \[{NUM_LABELS + 2}\] in column 'label' outside"):
-        TLAlignTrainer(model=tiny_model(ViTForImageClassification), args=make_args(tmp_path), eval_dataset=eval_dataset)
+    trainer = TLAlignTrainer(model=tiny_model(ViTForImageClassification), args=make_args(tmp_path), eval_dataset=eval_dataset)
+    with pytest.raises(ValueError, match=rf"labels \[{NUM_LABELS + 2}\] are outside the model's classes \[0, {NUM_LABELS}\)"):
+        trainer.evaluate()  # the collator checks the labels of every batch, streaming datasets' included
     sys.path.insert(0, str(EXAMPLE.parent))
     import run_image_classification as example
 

@@ -8,6 +8,7 @@ from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, TLAlignViTForImageClassification
 from tl_align_hf.losses import mixed_soft_targets
+from tl_align_hf.modeling import ALIGNED_CLASSES
 
 from .tiny_models import NUM_LABELS, tiny_config, tiny_model
 
@@ -320,3 +321,75 @@ def test_plain_trainer_is_untouched_by_import(tmp_path):
     model = tiny_model(ViTForImageClassification, "sdpa")
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
     assert model.config._attn_implementation == "sdpa" and trainer.model is model
+
+
+def tiny_model_of(parent_class, image_size: int = IMAGE, seed: int = 0):
+    """A tiny vanilla model of any class in `ALIGNED_CLASSES` (patch 4, or 2 for Swin; 10 labels), in eval mode."""
+    from transformers import DeiTForImageClassification, DeiTForImageClassificationWithTeacher
+
+    from .test_families import FAMILIES, _swin_config, tiny_family_model
+
+    if parent_class in (ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher):
+        return tiny_model(parent_class, "sdpa", seed=seed, image_size=image_size)
+    if parent_class.__name__ == "TimmWrapperForImageClassification":
+        from .test_timm_family import tiny_timm_model
+
+        return tiny_timm_model("vit", seed=seed, img_size=image_size)
+    name = next(name for name, (parent, _, _) in FAMILIES.items() if parent is parent_class)
+    config = _swin_config(image_size) if name == "swin" else FAMILIES[name][1]()
+    (getattr(config, "vision_config", None) or config).image_size = image_size
+    return tiny_family_model(name, "sdpa", seed=seed, config=config)
+
+
+@pytest.mark.parametrize("parent_class", list(ALIGNED_CLASSES), ids=lambda parent_class: parent_class.__name__)
+def test_evaluate_reports_loss_and_accuracy_for_every_aligned_class(tmp_path, parent_class):
+    """DeiT with teacher takes no `labels` (Trainer's `label_names` would be empty): it is evaluated like the others,
+    on its `logits`, the mean of its two heads."""
+    model = tiny_model_of(parent_class)
+    eval_dataset = image_dataset(12, seed=1)
+    trainer = TLAlignTrainer(model=model, args=make_args(tmp_path), eval_dataset=eval_dataset)
+    metrics = trainer.evaluate()
+    pixel_values = torch.stack([example["pixel_values"] for example in eval_dataset])
+    labels = torch.tensor([int(example["label"]) for example in eval_dataset])
+    with torch.no_grad():
+        logits = model.eval()(pixel_values).logits
+    assert metrics["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert metrics["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    top5 = (logits.topk(5, -1).indices == labels[:, None]).any(-1).float().mean().item()
+    assert metrics["eval_top5_accuracy"] == pytest.approx(top5)
+
+
+def test_train_distilled_deit_with_accuracy_as_the_metric_for_the_best_model(tmp_path):
+    from transformers import DeiTForImageClassificationWithTeacher
+
+    overrides = dict(max_steps=2, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                     load_best_model_at_end=True, metric_for_best_model="accuracy")  # fmt: skip
+    model = tiny_model(DeiTForImageClassificationWithTeacher, "sdpa").train()
+    trainer = TLAlignTrainer(
+        model=model, args=make_args(tmp_path, **overrides), train_dataset=image_dataset(), eval_dataset=image_dataset(8, 1)
+    )
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    assert len(evaluations) == 2 and all("eval_loss" in entry for entry in evaluations)
+    assert trainer.state.best_metric == max(entry["eval_accuracy"] for entry in evaluations)
+    assert trainer.state.best_model_checkpoint is not None
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_raises_error_when_the_model_is_multi_label_or_regression(tmp_path, problem_type):
+    """Training would be single-label softmax cross-entropy while the saved config still says `problem_type`."""
+    model = tiny_model(ViTForImageClassification, problem_type=problem_type)
+    with pytest.raises(ValueError, match=rf"problem_type='{problem_type}'.*problem_type='single_label_classification'"):
+        TLAlignTrainer(model=model, args=make_args(tmp_path))
+    assert type(model) is ViTForImageClassification  # refused before anything changed
+
+
+def test_raises_error_when_the_aligned_loss_has_one_class():
+    """The model's own loss with `num_labels=1` and mixing arguments would be 0 with a zero gradient."""
+    from .tiny_models import aligned_copy, mixed_batch
+
+    model = aligned_copy(tiny_model(ViTForImageClassification, num_labels=1))
+    batch = mixed_batch("binary")
+    mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}
+    with pytest.raises(ValueError, match=r"the model's num_labels=1\): .*TL-Align needs num_labels >= 2"):
+        model(batch["pixel_values"], labels=torch.zeros_like(batch["labels"]), **mixing)

@@ -290,8 +290,10 @@ class TLAlignCollator:
         return images, self._labels(examples, labels_required)
 
     def _labels(self, examples: Sequence[Mapping[str, Any]], labels_required: bool) -> torch.Tensor | None:
+        """`(B,)` int64 labels of `examples`, each checked against `num_labels` here on the host, where the data is
+        (the one place labels are range-checked before the device; any dataset, streaming ones included)."""
         keys = (self.label_column_name,) if self.label_column_name else ("labels", "label")
-        values = []
+        values, key = [], None
         for position, example in enumerate(examples):
             key = next((key for key in keys if key in example), None)
             if key is None:
@@ -306,9 +308,9 @@ class TLAlignCollator:
         labels = torch.tensor(values, dtype=torch.long)
         bad = (labels < 0) | (labels >= self.num_labels) if self.num_labels is not None else labels < 0
         if bad.any():
-            allowed = "non-negative" if self.num_labels is None else f"[0, {self.num_labels})"
+            allowed = "non-negative class ids" if self.num_labels is None else f"the model's classes [0, {self.num_labels})"
             raise ValueError(
-                f"labels {labels[bad].tolist()} are outside {allowed}; check the label column and the model's "
-                "num_labels / label2id (or pass num_labels=...)."
+                f"labels {sorted(set(labels[bad].tolist()))[:10]} are outside {allowed} (in {key!r}); check the label "
+                "column and the model's num_labels / label2id (or pass num_labels=...)."
             )
         return labels

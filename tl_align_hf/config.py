@@ -38,6 +38,9 @@ class TLAlignConfig(TrainingArguments, MixingSettings):
             `0.1` counts as unset).
         tl_align_attention_path (`str`, *optional*, defaults to `"auto"`):
             How the shares are computed from attention: `"auto"`, `"eager"`, `"value_channel"` or `"explicit"`.
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+            Train and evaluate at an image size other than the config's `image_size`: passed to the model's forward,
+            and the collator takes any size that is a whole number of patches.
 
         > Parameters whose default differs from [`~transformers.TrainingArguments`]
 
@@ -59,6 +62,15 @@ class TLAlignConfig(TrainingArguments, MixingSettings):
     tl_align_attention_path: str = field(
         default="auto",
         metadata={"help": "How token shares are computed from attention.", "choices": list(ATTENTION_PATHS)},
+    )
+    interpolate_pos_encoding: bool = field(
+        default=False,
+        metadata={
+            "help": "Train and evaluate at an image size other than the model config's image_size (e.g. a 224 "
+            "checkpoint at 384): the trainer passes interpolate_pos_encoding=True to the model, and the collator "
+            "takes any size that is a whole number of patches. DINOv2 and timm ViTs built with dynamic_img_size "
+            "take any size without it."
+        },
     )
     remove_unused_columns: bool = field(
         default=False,

@@ -1,5 +1,6 @@
 """The data side of the example scripts: load and check image data sets, label maps, PIL modes, the training
-augmentation sized from the image processor, and evaluation through the image processor itself.
+augmentation sized from the image processor, evaluation through the image processor itself, and training at the
+processor's image size (`interpolate_pos_encoding`).
 
 It follows transformers' `examples/pytorch/image-classification/run_image_classification.py` (data sets from the
 Hub or local imagefolders, a validation split carved from train when there is none, label maps with string keys,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -291,6 +293,38 @@ def processor_image_size(image_processor) -> tuple[int, int]:
     raise ValueError(
         f"Cannot read a target size from image processor size {size!r}: expected height and width, or "
         "shortest_edge. Pass an image processor with e.g. size={'height': 224, 'width': 224}."
+    )
+
+
+def processor_resolution_differs(model, image_processor) -> bool:
+    """Whether `image_processor` gives images of another size than the one the model is built for (a 224 checkpoint
+    fine-tuned at 384): `False` for models that take any size (DINOv2, timm ViTs with `dynamic_img_size`)."""
+    model_size = getattr(model, "tl_align_image_size", None)
+    if model_size is None:
+        return False
+    model_size = (model_size, model_size) if isinstance(model_size, int) else tuple(model_size)
+    return processor_image_size(image_processor) != model_size
+
+
+def interpolation_kwargs(model, interpolate_pos_encoding: bool) -> dict[str, bool]:
+    """What `interpolate_pos_encoding=True` adds to every forward call: `{"interpolate_pos_encoding": True}` where the
+    forward takes it (in its own signature, or through its `**kwargs` to a vision tower that takes it: CLIP,
+    MetaCLIP 2), nothing for models that take any image size (DINOv2, timm ViTs with `dynamic_img_size`), and a
+    ValueError for the others."""
+    if not interpolate_pos_encoding:
+        return {}
+    parent = getattr(model, "tl_align_parent", type(model))
+    forwards = (parent.forward, getattr(getattr(model, "vision_model", None), "forward", None))
+    if any(forward is not None and "interpolate_pos_encoding" in inspect.signature(forward).parameters for forward in forwards):
+        return {"interpolate_pos_encoding": True}
+    image_size = getattr(model, "tl_align_image_size", None)
+    if image_size is None:
+        return {}
+    raise ValueError(
+        f"interpolate_pos_encoding=True (--interpolate_pos_encoding), but {type(model).__name__} does not take it and "
+        f"only takes images of its image_size {image_size}. For a timm ViT, build the model with "
+        "model_args={'dynamic_img_size': True} (it then takes any size that is a whole number of patches); "
+        "otherwise resize the images to the model's image_size and leave interpolate_pos_encoding off."
     )
 
 

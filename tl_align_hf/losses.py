@@ -68,6 +68,11 @@ def mixing_loss(
         raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+    if logits.shape[-1] < 2:  # one class: every target is that class, the loss 0 and the gradient 0
+        raise ValueError(
+            f"The logits have {logits.shape[-1]} class (the model's num_labels={logits.shape[-1]}): a mixed target is "
+            "a share between two labels, so TL-Align needs num_labels >= 2 (the number of classes of the data)."
+        )
     _check_labels(logits, labels, mix_index, own_share)
     log_probabilities = torch.log_softmax(logits.float(), dim=-1)
     own_share = own_share.detach().float()

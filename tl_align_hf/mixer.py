@@ -274,7 +274,8 @@ class TLAlignMixer:
         """A mixer with `patch_size` and `image_size` read from a transformers model or config.
 
         kwargs: `image_size`, `patch_size` or `pairing` (overriding what is read; `image_size=None` accepts any
-        size), or mixing settings fields when `settings` is not given (`mixing_method="cutmix"`, ...).
+        size), or mixing settings fields when `settings` is not given (`mixing_method="cutmix"`, ...). Settings with
+        `interpolate_pos_encoding=True` (a `TLAlignConfig`) accept any size, as the model then does.
         """
         config = getattr(model_or_config, "config", model_or_config)
         if getattr(config, "patch_size", None) is None and getattr(config, "vision_config", None) is not None:
@@ -282,6 +283,8 @@ class TLAlignMixer:
         # An aligned model says its token grid (timm models keep it in the timm model, not the config).
         patch_size = getattr(model_or_config, "tl_align_patch_size", getattr(config, "patch_size", None))
         image_size = getattr(model_or_config, "tl_align_image_size", getattr(config, "image_size", None))
+        if getattr(settings, "interpolate_pos_encoding", False):
+            image_size = None
         own = {name: kwargs.pop(name) for name in ("patch_size", "image_size", "pairing") if name in kwargs}
         patch_size = own.pop("patch_size", patch_size)
         if patch_size is None:
@@ -308,7 +311,10 @@ class TLAlignMixer:
         if self.image_size is not None and tuple(image_size) != self.image_size:
             raise ValueError(
                 f"pixel_values are {height}x{width} but image_size is {self.image_size[0]}x{self.image_size[1]}; "
-                "resize the images to the model's image_size, or pass image_size=None to accept any size."
+                "resize the images to the model's image_size, or, to train at this size (e.g. a checkpoint fine-tuned "
+                "at a higher resolution), set interpolate_pos_encoding=True in TLAlignConfig "
+                "(--interpolate_pos_encoding), which the trainer passes to the model (a collator of your own: "
+                "image_size=None)."
             )
 
     def num_tokens(self, image_size: Sequence[int]) -> int:

@@ -375,6 +375,7 @@ class TLAlignDinov2ForImageClassification(TLAlignMixin, Dinov2ForImageClassifica
     tl_align_parent = Dinov2ForImageClassification
     tl_align_num_prefix_tokens = 1
     tl_align_pooling = "cls_and_patch_mean"
+    tl_align_image_size = None  # any size: the embeddings always interpolate (Hub configs say 518, processors crop 224)
 
 
 class TLAlignDinov2WithRegistersForImageClassification(TLAlignMixin, Dinov2WithRegistersForImageClassification):
@@ -386,6 +387,7 @@ class TLAlignDinov2WithRegistersForImageClassification(TLAlignMixin, Dinov2WithR
 
     tl_align_parent = Dinov2WithRegistersForImageClassification
     tl_align_pooling = "cls_and_patch_mean"
+    tl_align_image_size = None  # any size: the embeddings always interpolate
 
     @property
     def tl_align_num_prefix_tokens(self) -> int:

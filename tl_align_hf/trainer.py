@@ -7,8 +7,8 @@ import dataclasses
 import logging as std_logging
 import os
 
-import numpy as np
 import torch
+from datasets import ClassLabel
 from transformers import DefaultDataCollator, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
 from transformers.utils import logging
@@ -22,7 +22,7 @@ from .checkpoints import (
 )
 from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
-from .data import set_train_epoch
+from .data import interpolation_kwargs, set_train_epoch
 from .losses import alignment_metrics, mixed_batch_loss
 from .metrics import compute_accuracy_metrics
 from .mixer import MIXING_KEYS
@@ -36,18 +36,25 @@ class _EpochCallback(TrainerCallback):
     """Tells the collator and a `TrainTransform` attached with `with_transform` the epoch, before its loader starts.
 
     Both derive their randomness from the epoch (and the data), so each epoch draws anew and a resumed run draws
-    what the uninterrupted run drew.
+    what the uninterrupted run drew. The epochs are counted here, from the one a run starts (or resumes) in:
+    `state.epoch` cannot say it for iterable datasets, whose fraction of an epoch is counted in `max_steps`.
     """
 
     def __init__(self, trainer: TLAlignTrainer):
         self.trainer = trainer
+        self.epoch = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.epoch = int((state.epoch or 0.0) + 1e-6)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        epoch = int((state.epoch or 0.0) + 1e-6)
         if self.trainer.train_dataset is not None:
-            set_train_epoch(self.trainer.train_dataset, epoch)
+            set_train_epoch(self.trainer.train_dataset, self.epoch)
         if isinstance(self.trainer.data_collator, TLAlignCollator):
-            self.trainer.data_collator.set_epoch(epoch)
+            self.trainer.data_collator.set_epoch(self.epoch)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch += 1
 
 
 def _conversion_notice(args: TrainingArguments, config: TLAlignConfig) -> str:
@@ -62,6 +69,38 @@ def _conversion_notice(args: TrainingArguments, config: TLAlignConfig) -> str:
     )
 
 
+def _check_single_label_problem(config) -> None:
+    """TL-Align trains against mixes of two single-label targets: refuse multi-label and regression models."""
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type in (None, "single_label_classification"):
+        return
+    raise ValueError(
+        f"TL-Align trains single-label classifiers (a mixed target is a share between two class labels, trained with "
+        f"softmax cross-entropy), but the model has problem_type={problem_type!r}: its labels and loss are not "
+        f"single-label, and the saved config would still say {problem_type!r}. For single-label data, load the model "
+        "with problem_type='single_label_classification' (or set model.config.problem_type = None) and integer "
+        "labels; train multi-label or regression models with a plain Trainer."
+    )
+
+
+def _check_class_label_feature(split_name: str, dataset, label_column_name: str | None, num_labels: int | None) -> None:
+    """A `ClassLabel` label column with more classes than the model, read from the dataset's features alone (cheap,
+    and known for streaming datasets too); the collator checks the labels of every batch."""
+    if isinstance(dataset, dict):  # several evaluation datasets
+        for name, split in dataset.items():
+            _check_class_label_feature(f"{split_name}[{name!r}]", split, label_column_name, num_labels)
+        return
+    features = getattr(dataset, "features", None) or {}
+    column = next((name for name in ([label_column_name] if label_column_name else ["labels", "label"]) if name in features), None)
+    if num_labels is not None and column is not None and isinstance(features[column], ClassLabel):
+        num_classes = features[column].num_classes
+        if num_classes > num_labels:
+            raise ValueError(
+                f"{split_name} has {num_classes} classes in its label column {column!r} (a ClassLabel), outside the "
+                f"model's classes [0, {num_labels}): check the label column and the model's num_labels / label2id."
+            )
+
+
 class TLAlignTrainer(Trainer):
     """Trainer for aligned image classifiers; a drop-in for `Trainer` in image-classification scripts.
 
@@ -69,7 +108,9 @@ class TLAlignTrainer(Trainer):
     is [`mixed_batch_loss`]: the soft-target cross-entropy against the aligned target (or the area target with
     `args.tl_align=False`). Evaluation and prediction run unmixed, with plain cross-entropy, top-1 and top-5 accuracy.
     Next to the loss, the trainer logs the means over all processes of `mix_lam`, `aligned_lam` and
-    `alignment_gap` (their mean absolute difference).
+    `alignment_gap` (their mean absolute difference). Any dataset works, iterable ones included (streaming `datasets`,
+    torch's `IterableDataset`; give `max_steps`): the collator checks each batch's labels against the model's classes.
+    With `args.interpolate_pos_encoding` every forward call interpolates the position embeddings to the image size.
 
     Args:
         model: an aligned model, or a vanilla model of a supported class (converted in place by `to_tl_align`).
@@ -97,6 +138,7 @@ class TLAlignTrainer(Trainer):
                 f"TL-Align needs at least two classes, but the model has num_labels={num_labels}: a mixed target is a "
                 "share between two labels (with one class the loss is 0 and the accuracy 1). Check the label column."
             )
+        _check_single_label_problem(model.config)
         default_collator = data_collator is default_data_collator or isinstance(data_collator, DefaultDataCollator)
         if default_collator and args.mixing_method != "none":
             raise ValueError(
@@ -108,7 +150,9 @@ class TLAlignTrainer(Trainer):
         if args.should_save:
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
         model = to_tl_align(model)
-        unwrap_peft_model(model).tl_align_attention_path = args.tl_align_attention_path  # the aligned model
+        aligned_model = unwrap_peft_model(model)  # the aligned model (inside a PeftModel, the base model)
+        aligned_model.tl_align_attention_path = args.tl_align_attention_path
+        self._model_kwargs = interpolation_kwargs(aligned_model, args.interpolate_pos_encoding)  # for every forward
         if data_collator is None:
             data_collator = TLAlignCollator.from_model(model, args, seed=args.seed, rank=args.process_index)
         super().__init__(
@@ -118,30 +162,16 @@ class TLAlignTrainer(Trainer):
             compute_metrics=compute_metrics or compute_accuracy_metrics,
             **kwargs,
         )
-        self._check_labels_in_range(num_labels)
+        if self.args.label_names is None:  # the batch contract's key, also for models whose forward takes no labels
+            self.label_names = ["labels"]  # (DeiT with teacher): evaluation then reports the loss and the accuracy
+        for split_name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            _check_class_label_feature(split_name, dataset, getattr(self.data_collator, "label_column_name", None), num_labels)
         self._alignment_sums = None  # summed `mixed_batch_loss` statistics since the last log, on the device
         self._non_finite_loss = None  # a device flag: some training loss since the last log was NaN or infinite
         self._last_logged_step = 0
         self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
         self.add_callback(TrainingRecord())  # filled when training begins
         self.add_callback(_EpochCallback(self))
-
-    def _check_labels_in_range(self, num_labels: int | None) -> None:
-        """Labels of the datasets' label column must be class ids of the model: checked now, not after training."""
-        column = getattr(self.data_collator, "label_column_name", None)
-        for split_name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
-            if not hasattr(dataset, "with_format") or num_labels is None:
-                continue
-            names = [column] if column else [name for name in ("labels", "label") if name in dataset.column_names]
-            if not names or names[0] not in dataset.column_names:
-                continue
-            labels = np.asarray(dataset.with_format(None)[names[0]])  # the raw column: no transform, no decoding
-            bad = np.unique(labels[(labels < 0) | (labels >= num_labels)]).tolist() if labels.dtype.kind in "iu" else []
-            if bad:
-                raise ValueError(
-                    f"{split_name} has labels {bad[:10]} in column {names[0]!r} outside the model's classes [0, "
-                    f"{num_labels}): check the label column and the model's num_labels / label2id."
-                )
 
     # ----------------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
@@ -198,7 +228,7 @@ class TLAlignTrainer(Trainer):
         # the pixels, and for SigLIP 2 (NaFlex) patch sequences their mask and grids
         image_inputs = {key: inputs[key] for key in PATCH_SEQUENCE_KEYS if key in inputs}
         if not model.training:
-            outputs = model(**image_inputs)
+            outputs = model(**image_inputs, **self._model_kwargs)
             loss = torch.nn.functional.cross_entropy(outputs.logits.float(), inputs["labels"])
             return (loss, outputs) if return_outputs else loss
         missing = [name for name in MIXING_KEYS if name not in inputs]
@@ -214,7 +244,8 @@ class TLAlignTrainer(Trainer):
             inputs = {**inputs, "mix_index": torch.arange(batch_size, device=inputs["labels"].device),
                       "mix_lam": torch.ones(batch_size, device=inputs["labels"].device)}  # fmt: skip
         aligned = self.args.tl_align and not missing
-        outputs = model(**image_inputs, **({name: inputs[name] for name in MIXING_KEYS} if aligned else {}))
+        mixing = {name: inputs[name] for name in MIXING_KEYS} if aligned else {}
+        outputs = model(**image_inputs, **mixing, **self._model_kwargs)
         scale_over_processes = num_items_in_batch is not None and self.args.average_tokens_across_devices
         loss, alignment_sums = mixed_batch_loss(
             outputs,
@@ -228,6 +259,11 @@ class TLAlignTrainer(Trainer):
         non_finite = ~torch.isfinite(loss.detach())  # kept on the device; read when logging
         self._non_finite_loss = non_finite if self._non_finite_loss is None else self._non_finite_loss | non_finite
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """`Trainer.prediction_step`, with the trainer's model arguments (`interpolate_pos_encoding`) also for
+        batches without labels, which `Trainer` passes to the model as they are."""
+        return super().prediction_step(model, {**inputs, **self._model_kwargs}, prediction_loss_only, ignore_keys)
 
     # ----------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
