@@ -166,6 +166,11 @@ class ModelArguments:
         default=None,
         metadata={"help": "JSON of further timm.create_model arguments for --timm_model (e.g. '{\"img_size\": 32}')."},
     )
+    crop_pct: float | None = field(
+        default=None,
+        metadata={"help": "Evaluation of --timm_model: resize the shorter side to input size / crop_pct, then centre "
+                  "crop (DeiT: 0.875, 256 -> 224); None: the timm model's own."},
+    )
     drop_path_rate: float | None = field(
         default=None,
         metadata={"help": "Stochastic depth of the last block (timm models, BEiT, DINOv2, Swin, ...; DeiT: 0.1); "
@@ -175,8 +180,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.timm_model is not None and self.model_name_or_path is not None:
             raise ValueError("Give either --timm_model (a timm architecture from scratch) or --model_name_or_path.")
-        if self.timm_model_args is not None and self.timm_model is None:
-            raise ValueError("--timm_model_args are arguments of --timm_model; give --timm_model too.")
+        if (self.timm_model_args is not None or self.crop_pct is not None) and self.timm_model is None:
+            raise ValueError("--timm_model_args and --crop_pct are settings of --timm_model; give --timm_model too.")
         if isinstance(self.timm_model_args, str):
             self.timm_model_args = json.loads(self.timm_model_args)
 
@@ -279,12 +284,14 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, trai
     return prepare_image_dataset(dataset, data_args.image_column_name, data_args.label_column_name, verify)
 
 
-def timm_image_processor(timm_model) -> BitImageProcessor:
+def timm_image_processor(timm_model, crop_pct: float | None = None) -> BitImageProcessor:
     """timm's evaluation transform of `timm_model` as an image processor: resize the shorter side to
-    input / crop_pct (DeiT: 224 / 0.875 = 256), centre crop to the input size, normalise with its mean and std."""
+    input / crop_pct (DeiT: 224 / 0.875 = 256), centre crop to the input size, normalise with its mean and std.
+    `crop_pct` None takes the timm model's own (its pretrained config's)."""
     from timm.data import resolve_model_data_config
 
     data_config = resolve_model_data_config(timm_model)
+    data_config["crop_pct"] = crop_pct or data_config["crop_pct"]
     height, width = timm_model.patch_embed.img_size if hasattr(timm_model, "patch_embed") else data_config["input_size"][1:]
     resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
     return BitImageProcessor(
@@ -306,7 +313,7 @@ def load_model_and_processor(model_args: ModelArguments, label2id: dict, id2labe
         if model_args.drop_path_rate is not None:
             set_drop_path_rate(config, model_args.drop_path_rate)
         model = AutoModelForImageClassification.from_config(config)
-        return to_tl_align(model), timm_image_processor(model.timm_model)
+        return to_tl_align(model), timm_image_processor(model.timm_model, model_args.crop_pct)
     if model_args.model_name_or_path is None:
         config = ViTConfig(**{**BUILTIN_VIT, "image_size": model_args.image_size}, label2id=label2id, id2label=id2label)
         if model_args.drop_path_rate is not None:

@@ -24,10 +24,12 @@ NO_WEIGHT_DECAY_NAMES = (
     "pos_embed", "cls_token", "dist_token", "reg_token", "position_embeddings", "distillation_token", "register_tokens",
     "mask_token", "relative_position_bias_table",
 )  # fmt: skip
-# Blocks numbered in the parameter names: transformers' `encoder.layer.N` (ViT, DeiT, BEiT, DINOv2, Data2Vec).
-_TRANSFORMERS_BLOCK = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+# Blocks numbered in the parameter names: transformers' `layers.N` (ViT, DeiT, BEiT) and `encoder.layer.N` (DINOv2,
+# Data2VecVision); not Swin's stages (`encoder.layers.N.blocks.M`).
+_TRANSFORMERS_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\.")
+_STAGES = re.compile(r"layers\.\d+\.blocks\.")
 LAYER_DECAY_FAMILIES = (
-    "transformers' ViT, DeiT, BEiT, DINOv2, Data2VecVision (blocks encoder.layer.N) and timm models through "
+    "transformers' ViT, DeiT, BEiT, DINOv2, Data2VecVision (blocks layers.N or encoder.layer.N) and timm models through "
     "TimmWrapperForImageClassification whose timm class has a group_matcher (ViT, DeiT, DeiT III, EVA, ...)"
 )
 
@@ -52,7 +54,7 @@ def layer_ids(model: torch.nn.Module) -> tuple[dict[str, int], int]:
 
     timm models (through `TimmWrapperForImageClassification`) use timm's own `group_matcher` as
     `param_groups_layer_decay` does (stem 0, block i at i + 1, everything unmatched at the top); transformers' models
-    put `embeddings` at 0, `encoder.layer.i` at i + 1 and the rest at the top. Raises a ValueError for a model whose
+    put `embeddings` at 0, block i (`layers.i` or `encoder.layer.i`) at i + 1 and the rest at the top. Raises a ValueError for a model whose
     blocks are not numbered that way (e.g. Swin's stages).
     """
     timm_model = getattr(model, "timm_model", None)
@@ -65,7 +67,7 @@ def layer_ids(model: torch.nn.Module) -> tuple[dict[str, int], int]:
         ids = {name: timm_ids.get(name[len(prefix) + 1 :], num_ids - 1) for name, _ in model.named_parameters()}
         return ids, num_ids
     blocks = {name: int(match.group(1)) for name, _ in model.named_parameters() if (match := _TRANSFORMERS_BLOCK.search(name))}
-    if timm_model is not None or not blocks:
+    if timm_model is not None or not blocks or any(_STAGES.search(name) for name in blocks):
         raise ValueError(
             f"layer_decay (--layer_decay) needs a model whose blocks are numbered; {type(model).__name__} has none "
             f"that it recognises. Supported: {LAYER_DECAY_FAMILIES}. Leave layer_decay unset for this model."
