@@ -166,6 +166,20 @@ def test_repeated_augmentation_puts_the_copies_of_an_image_in_one_batch_of_one_p
     assert list(epoch_0) != list(sampler)
 
 
+def test_no_trainer_script_with_repeated_augmentation_resumes_exactly(digits, tiny_checkpoint, tmp_path):
+    """The Accelerate example with repeated augmentation: resumed in its second epoch (step 4), the weights of the
+    uninterrupted run."""
+    from .test_no_trainer import saved_weights, train
+
+    train(digits, tiny_checkpoint, tmp_path / "full", **{"--repeated_augmentation": "3"})
+    train(digits, tiny_checkpoint, tmp_path / "resumed", **{"--repeated_augmentation": "3",
+                                                            "--resume_from_checkpoint": str(tmp_path / "full" / "step_4")})  # fmt: skip
+    assert saved_weights(tmp_path / "resumed") == saved_weights(tmp_path / "full")
+    plain = tmp_path / "plain"
+    train(digits, tiny_checkpoint, plain)
+    assert saved_weights(plain) != saved_weights(tmp_path / "full")  # the sampler changed what was trained on
+
+
 def test_raises_error_when_repeated_augmentation_has_less_than_one_step():
     with pytest.raises(ValueError, match="at least one full step"):
         RepeatedAugmentationSampler(15, 3, batch_size=8, num_processes=2)
