@@ -41,7 +41,7 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
     names = set()
     for module_name, module in model.named_modules():
         listed = getattr(module, "no_weight_decay", None)
-        if callable(listed) and not isinstance(module, torch.optim.Optimizer):
+        if callable(listed):
             names.update(f"{module_name}.{name}" if module_name else name for name in listed())
     for name, parameter in model.named_parameters():
         if parameter.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY_NAMES:
@@ -64,7 +64,7 @@ def layer_ids(model: torch.nn.Module) -> tuple[dict[str, int], int]:
         prefix = next(name for name, module in model.named_modules() if module is timm_model)
         timm_ids = group_parameters(timm_model, timm_model.group_matcher(coarse=False), reverse=True)
         num_ids = max(timm_ids.values()) + 1
-        ids = {name: timm_ids.get(name[len(prefix) + 1 :], num_ids - 1) for name, _ in model.named_parameters()}
+        ids = {name: timm_ids.get(name.removeprefix(f"{prefix}."), num_ids - 1) for name, _ in model.named_parameters()}
         return ids, num_ids
     blocks = {name: int(match.group(1)) for name, _ in model.named_parameters() if (match := _TRANSFORMERS_BLOCK.search(name))}
     if timm_model is not None or not blocks or any(_STAGES.search(name) for name in blocks):

@@ -102,6 +102,11 @@ class TLAlignTrainer(Trainer):
     Next to the loss, the trainer logs the means over all processes of `mix_lam`, `aligned_lam` and
     `alignment_gap` (their mean absolute difference).
 
+    The DeiT / timm recipe fields of [`TLAlignConfig`] (`docs/recipes.md`) act through Trainer's hooks: the
+    repeated-augmentation sampler, parameter groups without decay on 1-d parameters and prefix tokens, layer-wise
+    lr decay, the batch-scaled learning rate, timm's cosine schedule, and a model EMA evaluated and saved beside
+    the weights.
+
     Args:
         model: an aligned model, or a vanilla model of a supported class (converted in place by `to_tl_align`).
         args: a [`TLAlignConfig`]; a plain `TrainingArguments` is converted with the default mixing settings.
@@ -274,6 +279,8 @@ class TLAlignTrainer(Trainer):
         """Trainer's evaluation; with a model EMA (`ema_decay`, after training started) also of the averaged
         weights, as `<metric_key_prefix>_ema_*`."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if isinstance(self.eval_dataset if eval_dataset is None else eval_dataset, dict):
+            return metrics  # Trainer evaluated each data set through this method, EMA included
         if self._model_ema is not None:
             with self._model_ema.swapped_into(self.model):
                 metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_ema"))
