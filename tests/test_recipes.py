@@ -409,6 +409,10 @@ def test_train_with_ema_evaluates_and_saves_the_average_beside_the_weights(digit
     assert not torch.equal(trained["dinov2.encoder.layer.0.mlp.fc1.weight"], averaged["dinov2.encoder.layer.0.mlp.fc1.weight"])
     loading = Dinov2ForImageClassification.from_pretrained(tmp_path / "full" / "ema", output_loading_info=True)[1]
     assert not loading["missing_keys"] and not loading["unexpected_keys"]  # a model of its own, for plain transformers
+    groups = torch.load(tmp_path / "full" / "checkpoint-6" / "optimizer.pt", weights_only=True)["param_groups"]
+    # 2 blocks: embeddings, block 0, block 1, head at 0.65 ** 3, ** 2, ** 1, 1 of the rate 5e-4 * 16 / 256
+    assert sorted({round(group["lr_scale"], 9) for group in groups}) == [round(0.65**power, 9) for power in (3, 2, 1, 0)]
+    assert all(group["initial_lr"] == pytest.approx(5e-4 * 16 / 256 * group["lr_scale"]) for group in groups)
     shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
     run(tmp_path / "resumed")
     resumed = load_file(tmp_path / "resumed" / "ema" / "model.safetensors")
@@ -423,6 +427,16 @@ def test_raises_error_when_resuming_with_ema_from_a_checkpoint_without_it(tmp_pa
     trainer._resumed_from = str(tmp_path / "checkpoint-1")
     with pytest.raises(ValueError, match="has no ema/ folder"):
         trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+
+
+def test_raises_error_when_repeated_augmentation_is_asked_of_an_iterable_dataset(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"pixel_values": torch.zeros(3, 24, 24), "label": 0}
+
+    args = TLAlignConfig(output_dir=str(tmp_path), repeated_augmentation=3, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="repeated_augmentation=3 needs a training set with a length"):
+        TLAlignTrainer(ViTForImageClassification(tiny_config("vit")), args, train_dataset=Stream())
 
 
 def test_recipe_files_are_listed_in_the_docs():
