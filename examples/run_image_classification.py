@@ -13,6 +13,10 @@ replaced by `TLAlignTrainer` and `TrainingArguments` by `TLAlignConfig` (which a
 
     # A config file (.json or .yaml); flags given after it override its values.
     python examples/run_image_classification.py --config examples/configs/digits.json --num_train_epochs 5
+
+    # The paper's ImageNet training of DeiT-Small with TL-Align (docs/recipes.md), on 8 GPUs.
+    accelerate launch --multi_gpu --num_processes 8 examples/run_image_classification.py \
+        --config examples/recipes/deit_small_tl_align.yaml --train_dir imagenet/train --validation_dir imagenet/val
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
+    BitImageProcessor,
     HfArgumentParser,
+    TimmWrapperConfig,
     ViTConfig,
 )
+from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import get_last_checkpoint
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, to_tl_align
@@ -49,6 +56,7 @@ from tl_align_hf.data import (
     processor_resolution_differs,
 )
 from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
+from tl_align_hf.recipes import set_drop_path_rate
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +158,33 @@ class ModelArguments:
         metadata={"help": "Will enable to load a pretrained model whose head dimensions are different."},
     )
     image_size: int = field(default=32, metadata={"help": "Image size of the built-in ViT (model_name_or_path=None)."})
+    timm_model: str | None = field(
+        default=None,
+        metadata={"help": "A timm architecture to train from scratch through TimmWrapperForImageClassification (e.g. "
+                  "deit_small_patch16_224); built locally, no Hub access. Instead of model_name_or_path."},
+    )
+    timm_model_args: dict | str | None = field(
+        default=None,
+        metadata={"help": "JSON of further timm.create_model arguments for --timm_model (e.g. '{\"img_size\": 32}')."},
+    )
+    crop_pct: float | None = field(
+        default=None,
+        metadata={"help": "Evaluation of --timm_model: resize the shorter side to input size / crop_pct, then centre "
+                  "crop (DeiT: 0.875, 256 -> 224); None: the timm model's own."},
+    )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={"help": "Stochastic depth of the last block (timm models, BEiT, DINOv2, Swin, ...; DeiT: 0.1); "
+                  "None keeps the model's own. transformers' ViT and DeiT have none."},
+    )
+
+    def __post_init__(self):
+        if self.timm_model is not None and self.model_name_or_path is not None:
+            raise ValueError("Give either --timm_model (a timm architecture from scratch) or --model_name_or_path.")
+        if (self.timm_model_args is not None or self.crop_pct is not None) and self.timm_model is None:
+            raise ValueError("--timm_model_args and --crop_pct are settings of --timm_model; give --timm_model too.")
+        if isinstance(self.timm_model_args, str):
+            self.timm_model_args = json.loads(self.timm_model_args)
 
 
 def make_parser() -> HfArgumentParser:
@@ -250,10 +285,40 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, trai
     return prepare_image_dataset(dataset, data_args.image_column_name, data_args.label_column_name, verify)
 
 
+def timm_image_processor(timm_model, crop_pct: float | None = None) -> BitImageProcessor:
+    """timm's evaluation transform of `timm_model` as an image processor: resize the shorter side to
+    input / crop_pct (DeiT: 224 / 0.875 = 256), centre crop to the input size, normalise with its mean and std.
+    `crop_pct` None takes the timm model's own (its pretrained config's)."""
+    from timm.data import resolve_model_data_config
+
+    data_config = resolve_model_data_config(timm_model)
+    data_config["crop_pct"] = crop_pct or data_config["crop_pct"]
+    height, width = timm_model.patch_embed.img_size if hasattr(timm_model, "patch_embed") else data_config["input_size"][1:]
+    resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
+    return BitImageProcessor(
+        size={"shortest_edge": int(height / data_config["crop_pct"])},
+        resample=resample.get(data_config["interpolation"], PILImageResampling.BICUBIC),
+        crop_size={"height": height, "width": width},
+        image_mean=list(data_config["mean"]),
+        image_std=list(data_config["std"]),
+    )
+
+
 def load_model_and_processor(model_args: ModelArguments, label2id: dict, id2label: dict):
-    """A pretrained model (converted with `to_tl_align`) or the built-in small ViT, and its image processor."""
+    """A pretrained model (converted with `to_tl_align`), a timm architecture from scratch, or the built-in small
+    ViT, and its image processor; `drop_path_rate` is set on the config before the model is built."""
+    if model_args.timm_model is not None:
+        config = TimmWrapperConfig(
+            architecture=model_args.timm_model, model_args=model_args.timm_model_args, label2id=label2id, id2label=id2label
+        )
+        if model_args.drop_path_rate is not None:
+            set_drop_path_rate(config, model_args.drop_path_rate)
+        model = AutoModelForImageClassification.from_config(config)
+        return to_tl_align(model), timm_image_processor(model.timm_model, model_args.crop_pct)
     if model_args.model_name_or_path is None:
         config = ViTConfig(**{**BUILTIN_VIT, "image_size": model_args.image_size}, label2id=label2id, id2label=id2label)
+        if model_args.drop_path_rate is not None:
+            set_drop_path_rate(config, model_args.drop_path_rate)
         model = AutoModelForImageClassification.from_config(config)
         return to_tl_align(model), default_image_processor(model_args.image_size)
     hub_kwargs = dict(
@@ -270,6 +335,8 @@ def load_model_and_processor(model_args: ModelArguments, label2id: dict, id2labe
         finetuning_task="image-classification",
         **hub_kwargs,
     )
+    if model_args.drop_path_rate is not None:
+        set_drop_path_rate(config, model_args.drop_path_rate)
     model = AutoModelForImageClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,

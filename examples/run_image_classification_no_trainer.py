@@ -78,6 +78,7 @@ from tl_align_hf.data import (
 from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
 from tl_align_hf.metrics import ACCURACY_METRIC_PATH
 from tl_align_hf.model_card import model_card
+from tl_align_hf.sampler import RepeatedAugmentationSampler
 
 logger = get_logger(__name__)
 
@@ -146,6 +147,8 @@ def parse_args(argv=None):
     parser.add_argument("--augmentation", type=str, default="default", choices=AUGMENTATIONS,
                         help="default (torchvision crop and flip) or deit (timm's RandAugment and random erasing, and "
                         "the DeiT recipe's mixing defaults: mixup_alpha 0.8, switch_prob 0.5, label_smoothing 0.1).")  # fmt: skip
+    parser.add_argument("--repeated_augmentation", type=int, default=1,
+                        help="Copies of each image in its batch, each augmented anew (DeiT's RASampler: 3); 1 disables.")  # fmt: skip
     parser.add_argument("--verify_images", action="store_true",
                         help="Read every training image before training (the validation images are always read).")  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="Train on the CPU even when an accelerator is present.")
@@ -164,6 +167,8 @@ def parse_args(argv=None):
         raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient_accumulation_steps must be at least 1, got {args.gradient_accumulation_steps}.")
+    if args.repeated_augmentation < 1:
+        raise ValueError(f"--repeated_augmentation must be at least 1 (1 disables it), got {args.repeated_augmentation}.")
     if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
         raise ValueError(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {args.checkpointing_steps!r}.")
     for option in ("max_train_samples", "max_eval_samples"):
@@ -317,9 +322,17 @@ def main(argv=None):
     # DataLoaders creation: mixed batches for training (each process mixes its own), unmixed for evaluation.
     collator = TLAlignCollator.from_model(model, args.mixing, seed=args.seed, rank=accelerator.process_index,
                                           **({"image_size": None} if interpolate else {}))  # fmt: skip
+    # Repeated augmentation: a sampler whose order is a function of the seed and the epoch (set by `set_epoch`).
+    repeated = None
+    if args.repeated_augmentation > 1:
+        repeated = RepeatedAugmentationSampler(
+            len(train_dataset), args.repeated_augmentation, args.per_device_train_batch_size, accelerator.num_processes,
+            args.seed or 0,
+        )  # fmt: skip
     train_dataloader = DataLoader(
         train_dataset,
-        shuffle=True,
+        shuffle=repeated is None,
+        sampler=repeated,
         collate_fn=collator,
         batch_size=args.per_device_train_batch_size,
         num_workers=args.dataloader_num_workers,

@@ -19,6 +19,7 @@ transforms attached with `dataset.with_transform`), with these choices:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import inspect
@@ -369,10 +370,13 @@ def _with_labels(batch: Mapping[str, list], label_column_name: str, pixel_values
     return output
 
 
-def _example_seed(seed: int, epoch: int, image: Image.Image) -> int:
-    """A 63-bit seed from (seed, epoch, the image's size and pixels): the same in every process and worker."""
+def _example_seed(seed: int, epoch: int, image: Image.Image, copy: int = 0) -> int:
+    """A 63-bit seed from (seed, epoch, the image's size and pixels): the same in every process and worker. `copy`
+    > 0 numbers the further copies of an image in one batch (repeated augmentation), each drawn anew."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{image.size}:".encode(), digest_size=8)
     digest.update(image.tobytes())
+    if copy:
+        digest.update(f":copy {copy}".encode())
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
@@ -401,12 +405,18 @@ class TrainTransform:
         self.epoch = int(epoch)
 
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
-        pixel_values = [self.augment(image) for image in _images(batch, self.image_column_name)]
+        images = _images(batch, self.image_column_name)
+        copies = collections.Counter()  # equal images of the batch (repeated augmentation) get different draws
+        pixel_values = []
+        for image in images:
+            key = _example_seed(self.seed, self.epoch, image)
+            pixel_values.append(self.augment(image, copy=copies[key]))
+            copies[key] += 1
         return _with_labels(batch, self.label_column_name, pixel_values)
 
-    def augment(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image -> float32 tensor (3, height, width), randomised by (seed, epoch, pixels)."""
-        with _seeded_global_generators(_example_seed(self.seed, self.epoch, image)):
+    def augment(self, image: Image.Image, copy: int = 0) -> torch.Tensor:
+        """One RGB image -> float32 tensor (3, height, width), randomised by (seed, epoch, pixels, copy number)."""
+        with _seeded_global_generators(_example_seed(self.seed, self.epoch, image, copy)):
             return self.augmentation(image)
 
 

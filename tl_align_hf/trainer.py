@@ -23,11 +23,14 @@ from .checkpoints import (
 from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
 from .data import interpolation_kwargs, set_train_epoch
+from .ema import ModelEma
 from .losses import alignment_metrics, mixed_batch_loss
 from .metrics import compute_accuracy_metrics
 from .mixer import MIXING_KEYS
 from .model_card import tl_align_model_card
 from .modeling import TLAlignMixin, as_parent_class, to_tl_align
+from .optim import no_weight_decay_names, optimizer_param_groups, scaled_learning_rate, timm_cosine_schedule
+from .sampler import RepeatedAugmentationSampler
 
 logger = logging.get_logger(__name__)
 
@@ -52,9 +55,35 @@ class _EpochCallback(TrainerCallback):
             set_train_epoch(self.trainer.train_dataset, self.epoch)
         if isinstance(self.trainer.data_collator, TLAlignCollator):
             self.trainer.data_collator.set_epoch(self.epoch)
+        if self.trainer._repeated_augmentation_sampler is not None:  # also behind accelerate's skip_first_batches
+            self.trainer._repeated_augmentation_sampler.set_epoch(self.epoch)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.epoch += 1
+
+
+class _EmaCallback(TrainerCallback):
+    """Keeps the trainer's [`ModelEma`] (`args.ema_decay`): made when training starts (restored from the
+    checkpoint's `ema/` when resuming), updated after every optimizer step."""
+
+    def __init__(self, trainer: TLAlignTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        trainer._model_ema = ModelEma(trainer.model, args.ema_decay)
+        if trainer._resumed_from is not None:
+            ema_dir = os.path.join(trainer._resumed_from, "ema")
+            if not os.path.isdir(ema_dir):
+                raise ValueError(
+                    f"ema_decay is set but {trainer._resumed_from} has no ema/ folder (it was saved without EMA), so "
+                    "the average cannot continue. Resume without --ema_decay, or from a checkpoint saved with it."
+                )
+            with trainer._model_ema.swapped_into(trainer.model):
+                trainer._load_converted_weights(ema_dir, trainer.model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._model_ema.update(self.trainer.model)
 
 
 def _conversion_notice(args: TrainingArguments, config: TLAlignConfig) -> str:
@@ -112,6 +141,11 @@ class TLAlignTrainer(Trainer):
     torch's `IterableDataset`; give `max_steps`): the collator checks each batch's labels against the model's classes.
     With `args.interpolate_pos_encoding` every forward call interpolates the position embeddings to the image size.
 
+    The DeiT / timm recipe fields of [`TLAlignConfig`] (`docs/recipes.md`) act through Trainer's hooks: the
+    repeated-augmentation sampler, parameter groups without decay on 1-d parameters and prefix tokens, layer-wise
+    lr decay, the batch-scaled learning rate, timm's cosine schedule, and a model EMA evaluated and saved beside
+    the weights.
+
     Args:
         model: an aligned model, or a vanilla model of a supported class (converted in place by `to_tl_align`).
         args: a [`TLAlignConfig`]; a plain `TrainingArguments` is converted with the default mixing settings.
@@ -149,6 +183,7 @@ class TLAlignTrainer(Trainer):
         check_one_run_per_launch(args.world_size)
         if args.should_save:
             check_writable(args.output_dir)  # before anything is trained (Trainer itself would fail at the first save)
+        self._check_recipe_support(args, kwargs.get("train_dataset"))
         model = to_tl_align(model)
         aligned_model = unwrap_peft_model(model)  # the aligned model (inside a PeftModel, the base model)
         aligned_model.tl_align_attention_path = args.tl_align_attention_path
@@ -171,7 +206,28 @@ class TLAlignTrainer(Trainer):
         self._last_logged_step = 0
         self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
         self.add_callback(TrainingRecord())  # filled when training begins
+        self._repeated_augmentation_sampler = None  # set by `_get_train_sampler` with repeated_augmentation > 1
+        self._model_ema, self._resumed_from = None, None  # the EMA of the weights (ema_decay), made in training
         self.add_callback(_EpochCallback(self))
+        if args.ema_decay is not None:
+            self.add_callback(_EmaCallback(self))
+
+    @staticmethod
+    def _check_recipe_support(args: TLAlignConfig, train_dataset) -> None:
+        """Recipe settings that this setup cannot honour, before anything is trained."""
+        if args.repeated_augmentation > 1 and isinstance(train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                f"repeated_augmentation={args.repeated_augmentation} needs a training set with a length (a sampler "
+                "picks the copies); an IterableDataset streams its own order. Set repeated_augmentation=1."
+            )
+        if args.repeated_augmentation > 1 and args.train_sampling_strategy != "random":
+            raise ValueError(
+                f"repeated_augmentation={args.repeated_augmentation} is its own sampler: leave train_sampling_strategy "
+                f"at 'random' (got {args.train_sampling_strategy!r})."
+            )
+        if args.ema_decay is not None and (args.fsdp or args.deepspeed):
+            raise ValueError("ema_decay keeps a full copy of the weights on each process; it is not supported with "
+                             "FSDP or DeepSpeed (the weights are sharded). Leave ema_decay unset.")  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
@@ -186,7 +242,91 @@ class TLAlignTrainer(Trainer):
                     "was not written by Trainer, or its save was interrupted. Resume from an earlier checkpoint-N, "
                     "or remove this folder."
                 )
+        self._resumed_from = resume_from_checkpoint or None  # the EMA continues from its ema/ folder
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- recipe
+    def _recipe_learning_rate(self) -> float:
+        """`learning_rate`, scaled by the global batch over `lr_base_size` when that is set."""
+        args = self.args
+        global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return scaled_learning_rate(args.learning_rate, global_batch, args.lr_base_size)
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer; with `filter_bias_and_bn`, `layer_decay` or `lr_base_size`, on the parameter groups
+        of [`optimizer_param_groups`] (timm's no-decay rule, layer-wise rates, the batch-scaled rate)."""
+        args = self.args
+        if self.optimizer is not None or not (args.filter_bias_and_bn or args.layer_decay is not None or args.lr_base_size):
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        trainable = {name for name, parameter in opt_model.named_parameters() if parameter.requires_grad}
+        if args.filter_bias_and_bn:
+            no_decay = no_weight_decay_names(opt_model)
+        else:
+            no_decay = trainable - set(self.get_decay_parameter_names(opt_model))
+        learning_rate = self._recipe_learning_rate()
+        groups = optimizer_param_groups(opt_model, learning_rate, args.weight_decay, no_decay, args.layer_decay)
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(args, opt_model)
+        if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise ValueError(
+                f"filter_bias_and_bn, layer_decay and lr_base_size build parameter groups for a torch optimizer class; "
+                f"optim={args.optim!r} builds its own. Use e.g. optim='adamw_torch', or leave them unset."
+            )
+        self.optimizer = optimizer_cls(groups, **{**optimizer_kwargs, "lr": learning_rate})
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's scheduler; with `warmup_epochs`, `warmup_lr`, `min_lr` or `cooldown_epochs`, timm's cosine
+        schedule per step ([`timm_cosine_schedule`]), the epochs counted in steps of this run."""
+        args = self.args
+        timm_schedule = any(getattr(args, name) is not None for name in ("warmup_epochs", "warmup_lr", "min_lr"))
+        if self.lr_scheduler is not None or not (timm_schedule or args.cooldown_epochs):
+            return super().create_scheduler(num_training_steps, optimizer)
+        steps_per_epoch = num_training_steps / args.num_train_epochs
+        if args.warmup_epochs is not None:
+            warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+        else:
+            warmup_steps = args.get_warmup_steps(num_training_steps)
+        self.lr_scheduler = timm_cosine_schedule(
+            optimizer if optimizer is not None else self.optimizer,
+            base_lr=self._recipe_learning_rate(),
+            num_training_steps=num_training_steps,
+            num_warmup_steps=warmup_steps,
+            warmup_lr=args.warmup_lr or 0.0,
+            min_lr=args.min_lr or 0.0,
+            num_cooldown_steps=round(args.cooldown_epochs * steps_per_epoch),
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's sampler, or with `repeated_augmentation` > 1 a [`RepeatedAugmentationSampler`] (Trainer has no
+        public hook for a sampler of one's own)."""
+        if self.args.repeated_augmentation == 1:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        self._repeated_augmentation_sampler = RepeatedAugmentationSampler(
+            len(dataset), self.args.repeated_augmentation, self._train_batch_size, self.args.world_size, self.args.seed
+        )
+        return self._repeated_augmentation_sampler
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation; with a model EMA (`ema_decay`, after training started) also of the averaged
+        weights, as `<metric_key_prefix>_ema_*`."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if isinstance(self.eval_dataset if eval_dataset is None else eval_dataset, dict):
+            return metrics  # Trainer evaluated each data set through this method, EMA included
+        if self._model_ema is not None:
+            with self._model_ema.swapped_into(self.model):
+                metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_ema"))
+        return metrics
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's save; with a model EMA, the averaged weights also as a model of their own in `ema/`."""
+        super().save_model(output_dir, _internal_call)
+        if self._model_ema is not None:
+            with self._model_ema.swapped_into(self.model):
+                super().save_model(os.path.join(output_dir or self.args.output_dir, "ema"), _internal_call=True)
 
     # ----------------------------------------------------------------------------------------------- data
     @contextlib.contextmanager
