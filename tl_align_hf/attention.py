@@ -46,7 +46,10 @@ else:  # torch < 2.5: no flex attention, so no block masks to meet
 
 ROUTE_PREFIX = "tl_align_"
 ATTENTION_PATHS = ("auto", "eager", "value_channel", "explicit")
-_CHANNEL_MULTIPLE = 8  # head dims that fused kernels accept
+# Head dims the fused kernels accept: a multiple of 8 on accelerators (flash / memory-efficient kernels); any on the
+# CPU, whose flash kernel tiles the head dim itself, so the value channel adds one channel there instead of eight.
+_CHANNEL_MULTIPLE = {"cpu": 1}
+_ACCELERATOR_CHANNEL_MULTIPLE = 8
 ALIGNER_ATTRIBUTE = "_tl_align_aligner"  # where pass_aligner_through keeps the aligner during an attention call
 
 
@@ -252,7 +255,8 @@ def value_channel_attention(base_function: Callable, module, query, key, value, 
     # the rounding of the kernel's (bf16 / fp16) output channel.
     channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K)
     num_channels = channels.shape[-1]
-    padded_dim = -(-(head_dim + num_channels) // _CHANNEL_MULTIPLE) * _CHANNEL_MULTIPLE
+    multiple = _CHANNEL_MULTIPLE.get(value.device.type, _ACCELERATOR_CHANNEL_MULTIPLE)
+    padded_dim = -(-(head_dim + num_channels) // multiple) * multiple
     share_values = channels[:, None].expand(batch_size, num_heads, num_tokens, num_channels)
     zeros = value.new_zeros(batch_size, num_heads, num_tokens, padded_dim - head_dim - num_channels)
     value = torch.cat([value, share_values, zeros], dim=-1)
