@@ -61,7 +61,7 @@ import tl_align_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loss import time_variants as time_loss_variants  # noqa: E402  (the loss at any class count)
-from bench_overhead import make_batch  # noqa: E402  (the same batch as the CPU benchmark)
+from bench_overhead import make_batch, official_cls_labels  # noqa: E402  (the CPU benchmark's batch and official target)
 
 SCRIPT = "scripts/bench_gpu.py"
 LABEL_SMOOTHING = 0.1
@@ -155,7 +155,9 @@ def official_loss(model, batch: dict) -> torch.Tensor:
     """The official formulation: full label vectors through the attention maps the model returns."""
     outputs = model(batch["pixel_values"], output_attentions=True)
     num_prefix_tokens = FAMILIES[model.config.model_type][3]
-    targets = official_cls_labels(outputs.attentions, batch, num_prefix_tokens, outputs.logits.shape[-1])
+    targets = official_cls_labels(
+        outputs.attentions, batch, num_prefix_tokens, outputs.logits.shape[-1], LABEL_SMOOTHING
+    )
     return tl_align_hf.soft_target_cross_entropy(outputs.logits, targets)
 
 
@@ -166,25 +168,6 @@ def aligned_lam(model, batch: dict) -> torch.Tensor:
             batch["pixel_values"], mix_index=batch["mix_index"], token_weights=batch["token_weights"],
             mix_lam=batch["mix_lam"],
         ).aligned_lam.float()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def official_cls_labels(attentions, batch: dict, num_prefix_tokens: int, num_classes: int) -> torch.Tensor:
-    """`(B, C)` CLS label after propagating `(B, N, C)` token labels ``L <- (L + mean_h(A_h) @ L) / 2`` per block.
-
-    Runs under the caller's autocast, as the official code does under AMP.
-    """
-    smoothed = torch.nn.functional.one_hot(batch["labels"], num_classes).float() * (1 - LABEL_SMOOTHING)
-    smoothed = smoothed + LABEL_SMOOTHING / num_classes
-    own, partner = smoothed[:, None, :], smoothed[batch["mix_index"]][:, None, :]
-    prefix_shares = batch["mix_lam"][:, None].expand(-1, num_prefix_tokens)
-    shares = torch.cat([prefix_shares, batch["token_weights"]], dim=1)[..., None]
-    token_labels = shares * own + (1 - shares) * partner
-    for attention in attentions:
-        token_labels = (token_labels + attention.detach().float().mean(dim=1) @ token_labels) / 2
-    return token_labels[:, 0]
 
 
 @dataclass(frozen=True)

@@ -92,13 +92,20 @@ def make_batch(
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def official_cls_labels(attentions, batch: dict, num_prefix_tokens: int = 2) -> torch.Tensor:
-    """The official formulation: `(B, N, C)` label vectors through every block's head-averaged attention."""
-    one_hot = torch.nn.functional.one_hot(batch["labels"], NUM_CLASSES).float() * 0.9 + 0.1 / NUM_CLASSES
-    own, partner = one_hot[:, None, :], one_hot[batch["mix_index"]][:, None, :]
-    prefix = batch["mix_lam"][:, None].expand(-1, num_prefix_tokens)
-    share = torch.cat([prefix, batch["token_weights"]], dim=1)[..., None]
-    token_labels = share * own + (1 - share) * partner
+def official_cls_labels(
+    attentions, batch: dict, num_prefix_tokens: int = 2, num_classes: int = NUM_CLASSES, label_smoothing: float = 0.1
+) -> torch.Tensor:
+    """`(B, C)` CLS label of the official formulation: `(B, N, C)` label vectors propagated
+    ``L <- (L + mean_h(A_h) @ L) / 2`` through every block's head-averaged attention (also scripts/bench_gpu.py's).
+
+    Runs under the caller's autocast, as the official code does under AMP.
+    """
+    smoothed = torch.nn.functional.one_hot(batch["labels"], num_classes).float() * (1 - label_smoothing)
+    smoothed = smoothed + label_smoothing / num_classes
+    own, partner = smoothed[:, None, :], smoothed[batch["mix_index"]][:, None, :]
+    prefix_shares = batch["mix_lam"][:, None].expand(-1, num_prefix_tokens)
+    shares = torch.cat([prefix_shares, batch["token_weights"]], dim=1)[..., None]
+    token_labels = shares * own + (1 - shares) * partner
     for attention in attentions:
         token_labels = (token_labels + attention.detach().float().mean(dim=1) @ token_labels) / 2
     return token_labels[:, 0]

@@ -1,75 +1,71 @@
 """Max abs difference between TL-Align targets and the full label-vector reference of the tests, per case.
 
-    python scripts/check_equivalence.py            # transformers' ViT and DeiT, then the timm backbones
+    python scripts/check_equivalence.py            # transformers' families, then the timm backbones
     python scripts/check_equivalence.py --timm     # the timm backbones only (Eva, BEiT, Swin, Swin V2)
+
+The cases and the independent reference are the tests' own: this script runs the reference tests of
+tests/test_modeling.py, tests/test_new_families.py and tests/test_timm_backbones.py under pytest and prints, as Markdown tables, the row each
+test records (`record_property("equivalence", row)`). A case added to those tests appears here with no change to
+this file. The exit status is pytest's: nonzero when a case exceeds the tests' tolerance (1e-5) or fails otherwise.
 """
+
+from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
 
-from tests.test_modeling import max_reference_difference  # noqa: E402
-from tests.test_new_families import FAMILY_BACKENDS  # noqa: E402
-from tests.test_new_families import max_reference_difference as new_family_difference  # noqa: E402
-from tests.test_timm_backbones import (  # noqa: E402
-    ATTENTION_KINDS,
-    EXPLICIT_ONLY,
-    VARIANTS,
-    aligned_backbone,
-    backbone_batch,
-    tiny_backbone,
+REPO = Path(__file__).resolve().parents[1]
+TRANSFORMERS_TESTS = ("tests/test_modeling.py", "tests/test_new_families.py")
+TIMM_TESTS = "tests/test_timm_backbones.py"
+REFERENCE_TESTS = (
+    "full_label_vector_reference or every_attention_path or interpolated_positions or padded_windows_and_odd"
+)  # pytest -k
+
+TRANSFORMERS_HEADER = (
+    "| model | backend | path | token weights | max abs diff vs full-vector reference | max abs aligned_lam - mix_lam |\n"
+    "|---|---|---|---|---|---|"
 )
-from tests.test_timm_backbones import max_reference_difference as timm_reference_difference  # noqa: E402
+TIMM_HEADER = (
+    "| timm backbone (tiny, sharpened) | timm attention | path | max abs diff vs full-vector reference "
+    "| max abs aligned_lam - mix_lam |\n|---|---|---|---|---|"
+)
 
 
-def transformers_rows() -> list[str]:
-    rows = []
-    for family in ("vit", "deit"):
-        for backend in ("eager", "sdpa"):
-            for kind in ("fractional", "binary", "constant"):
-                d, moved = max_reference_difference(family, backend, kind)
-                rows.append(f"| {family} | {backend} | auto | {kind} | {d:.2e} | {moved:.3f} |")
-    for backend in ("eager", "sdpa"):
-        for path in ("eager", "value_channel", "explicit"):
-            d, moved = max_reference_difference("deit", backend, "fractional", path)
-            rows.append(f"| deit | {backend} | {path} | fractional | {d:.2e} | {moved:.3f} |")
-    for family in ("vit", "deit"):
-        d, moved = max_reference_difference(family, "sdpa", "binary", image_hw=(16, 32), interpolate_pos_encoding=True)
-        rows.append(f"| {family} (16x32, interpolated) | sdpa | auto | binary | {d:.2e} | {moved:.3f} |")
-    # Swin V2, Data2Vec-Vision (mean pooling + per-layer bias; CLS + shared bias) and SigLIP 2 (padded patch sequences)
-    for family, backend in FAMILY_BACKENDS:
-        for path in ("eager", "value_channel", "explicit"):
-            d, moved = new_family_difference(family, backend, path)
-            rows.append(f"| {family} | {backend} | {path} | fractional | {d:.2e} | {moved:.3f} |")
-    for path in ("eager", "value_channel", "explicit"):
-        d, moved = new_family_difference("swinv2", "eager", path, image_size=28)
-        rows.append(f"| swinv2 (28 px: padded windows, odd merge) | eager | {path} | fractional | {d:.2e} | {moved:.3f} |")
-    return rows
+class RecordedRows:
+    """A pytest plugin that keeps, per test file, the `equivalence` rows the tests record, in the order they ran."""
+
+    def __init__(self):
+        self.rows: dict[str, list[tuple]] = {}
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call":
+            for name, row in report.user_properties:
+                if name == "equivalence":
+                    self.rows.setdefault(report.nodeid.split("::")[0], []).append(row)
 
 
-def timm_rows() -> list[str]:
-    """Per tiny timm backbone (tests/test_timm_backbones.py) and attention kind, over binary and fractional weights."""
-    rows = []
-    for variant, (architecture, _) in VARIANTS.items():
-        vanilla = tiny_backbone(variant, fused=False)
-        for fused, path in ATTENTION_KINDS:
-            if fused and variant in EXPLICIT_ONLY:
-                continue
-            aligned = aligned_backbone(vanilla, fused, path)
-            results = [timm_reference_difference(aligned, vanilla, backbone_batch(variant, kind)) for kind in ("binary", "fractional")]
-            kind = "SDPA (fused_attn)" if fused else "explicit softmax"
-            d, moved = max(result[0] for result in results), max(result[1] for result in results)
-            rows.append(f"| {variant} (`{architecture}`) | {kind} | {path} | {d:.2e} | {moved:.3f} |")
-    return rows
+def markdown_row(row: tuple) -> str:
+    """(columns..., max abs difference, max abs aligned_lam - mix_lam) as a Markdown row."""
+    *columns, difference, moved = row
+    return "| " + " | ".join([*map(str, columns), f"{difference:.2e}", f"{moved:.3f}"]) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    files = [TIMM_TESTS] if "--timm" in argv else [*TRANSFORMERS_TESTS, TIMM_TESTS]
+    recorded = RecordedRows()
+    status = pytest.main(
+        ["-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), "-k", REFERENCE_TESTS, *(str(REPO / f) for f in files)],
+        plugins=[recorded],
+    )
+    for test_files, header in ((TRANSFORMERS_TESTS, TRANSFORMERS_HEADER), ((TIMM_TESTS,), TIMM_HEADER)):
+        if set(test_files) & set(files):
+            print(f"\n{header}")
+            print("\n".join(markdown_row(row) for test_file in test_files for row in recorded.rows.get(test_file, [])))
+    return int(status)
 
 
 if __name__ == "__main__":
-    if "--timm" not in sys.argv:
-        print("| model | backend | path | token weights | max abs diff vs full-vector reference | max abs aligned_lam - mix_lam |")
-        print("|---|---|---|---|---|---|")
-        print("\n".join(transformers_rows()))
-        print()
-    print("| timm backbone (tiny, sharpened) | timm attention | path | max abs diff vs full-vector reference | max abs aligned_lam - mix_lam |")
-    print("|---|---|---|---|---|")
-    print("\n".join(timm_rows()))
+    sys.exit(main())

@@ -9,8 +9,8 @@ in its own subprocess:
 * ``tl``: every image-classification class of ``tl_align_hf.modeling.ALIGNED_CLASSES`` that the test module uses
   (``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, ...) is replaced by its TL-Align
   subclass, in the test module's globals (what the model tester instantiates) and in its test classes' attributes
-  (``all_model_classes``, ``pipeline_model_mapping``, ...). No test file is edited: this file is also the pytest
-  plugin (``-p run_transformers_model_tests``) that makes the swap once collection is done.
+  (``all_model_classes``, ``pipeline_model_mapping``, ...). No test file is edited: the pytest plugin
+  ``scripts/tl_align_pytest_plugin.py`` (``-p tl_align_pytest_plugin``) makes the swap once collection is done.
 
 Per test id, outcomes are compared: a *regression* passed in the baseline and does not pass with the TL class. Each
 regression is rerun once more with ``named`` TL classes (a subclass of the TL class that carries the parent's
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import functools
 import hashlib
 import json
 import os
@@ -52,7 +51,12 @@ import tempfile
 import time
 from pathlib import Path
 
-PLUGIN_NAME = Path(__file__).stem  # this file, loaded by pytest with -p
+import tl_align_pytest_plugin
+from tl_align_pytest_plugin import PASSING
+from transformers_tests_report import hint, markdown, print_summary
+
+PLUGIN_NAME = tl_align_pytest_plugin.__name__  # loaded by pytest with -p, from this folder
+RESULTS_FORMAT = tl_align_pytest_plugin.RESULTS_FORMAT
 DEFAULT_FAMILIES = ("vit", "deit", "swin", "dinov2", "beit")
 # The classes each family's tests are expected to swap (checked after the TL run; any other aligned class a test
 # module uses is swapped too and reported).
@@ -63,264 +67,6 @@ EXPECTED_SWAPS = {
     "dinov2": ("Dinov2ForImageClassification",),
     "beit": ("BeitForImageClassification",),
 }
-PASSING = ("passed", "xpassed")  # the test body passed (xpassed: an expected failure that did not fail)
-MESSAGE_LINES = 8
-RESULTS_FORMAT = 2  # bump when the plugin's per-test records change (invalidates --reuse-baseline caches)
-
-# Hints for known defects, matched against the failure text of a regression (first match wins). Only a hint: the
-# docs/transformers_model_tests.md report gives the diagnosed reason of each regression.
-KNOWN_CAUSES = (
-    (
-        "name",
-        "test looks the class up by name (passes with a TL class named like the parent)",
-        None,
-    ),
-    (
-        "output-attentions",
-        "setting config.output_attentions raises on the TL class",
-        r"output_attentions",
-    ),
-    (
-        "attn-impl-name",
-        "config._attn_implementation reads the routed name (tl_align_*), not the user's backend",
-        r"tl_align_(sdpa|eager|flash|flex)|_attn_implementation",
-    ),
-    (
-        "forward-signature",
-        "TL forward signature differs from the parent's (positional interpolate_pos_encoding / attention_mask)",
-        r"interpolate_pos_encoding|attention_mask|signature|positional argument|arg_names|expected_arg_names",
-    ),
-    (
-        "teacher-labels",
-        "DeiT-with-teacher labels handling",
-        r"computes no loss from `labels` alone",
-    ),
-)
-
-
-# ======================================================================================================= plugin
-# Everything below runs inside the pytest subprocesses (pytest -p run_transformers_model_tests).
-
-_RESULTS: dict[str, dict] = {}
-_COLLECT_ERRORS: list[dict] = []
-_SWAPS: dict[str, list[str]] = {}
-_SWAPPED: set[str] = set()
-_TL_BUILDS: dict[str, int] = {}
-_CURRENT_TEST: list[str | None] = [None]
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("tl-align model tests")
-    group.addoption("--tl-results", default=None, help="write per-test outcomes (JSON) here")
-    group.addoption(
-        "--tl-swap",
-        default="none",
-        choices=("none", "tl", "named"),
-        help="none: baseline; tl: swap in the TL classes; named: TL classes renamed like their parents",
-    )
-
-
-def pytest_configure(config):
-    if config.getoption("--tl-swap") != "none":
-        _count_tl_builds()
-
-
-def _count_tl_builds():
-    """Count, per test, the TL models built: each TL ``__init__`` (and ``to_tl_align``) installs the hooks once."""
-    from tl_align_hf.modeling import TLAlignMixin
-
-    name = "tl_align_install_hooks" if hasattr(TLAlignMixin, "tl_align_install_hooks") else "__init__"
-    original = getattr(TLAlignMixin, name)
-
-    @functools.wraps(original)
-    def counted(self, *args, **kwargs):
-        test = _CURRENT_TEST[0] or "<outside a test>"
-        _TL_BUILDS[test] = _TL_BUILDS.get(test, 0) + 1
-        return original(self, *args, **kwargs)
-
-    setattr(TLAlignMixin, name, counted)
-
-
-def _replacements(mode: str) -> dict:
-    from tl_align_hf.modeling import ALIGNED_CLASSES
-
-    if mode == "tl":
-        return dict(ALIGNED_CLASSES)
-    # "named": a subclass of the TL class under the parent's name, to tell name look-ups from behaviour.
-    return {
-        parent: type(
-            parent.__name__, (aligned,), {"__module__": aligned.__module__, "__qualname__": parent.__qualname__}
-        )
-        for parent, aligned in ALIGNED_CLASSES.items()
-    }
-
-
-def _swap_value(value, replacements, found):
-    if isinstance(value, type) and value in replacements:
-        found.add(value.__name__)
-        return replacements[value]
-    if isinstance(value, tuple):
-        return tuple(_swap_value(v, replacements, found) for v in value)
-    if isinstance(value, list):
-        return [_swap_value(v, replacements, found) for v in value]
-    if isinstance(value, dict):
-        return {k: _swap_value(v, replacements, found) for k, v in value.items()}
-    return value
-
-
-def _swap_module(module, replacements) -> list[str]:
-    """Replace the parent classes in a test module's globals and in its classes' attributes; return what changed."""
-    changed = []
-    for name, value in list(vars(module).items()):
-        if isinstance(value, type) and value in replacements:
-            setattr(module, name, replacements[value])
-            _SWAPPED.add(value.__name__)
-            changed.append(f"{module.__name__}.{name}")
-        elif isinstance(value, type) and value.__module__ == module.__name__:
-            for attribute, attribute_value in list(vars(value).items()):
-                if attribute.startswith("__") or not isinstance(attribute_value, (tuple, list, dict)):
-                    continue
-                found = set()
-                swapped = _swap_value(attribute_value, replacements, found)
-                if found:
-                    setattr(value, attribute, swapped)
-                    _SWAPPED.update(found)
-                    changed.append(f"{module.__name__}.{name}.{attribute}: {', '.join(sorted(found))}")
-    return changed
-
-
-def pytest_collection_modifyitems(session, config, items):
-    mode = config.getoption("--tl-swap")
-    if mode == "none":
-        return
-    replacements = _replacements(mode)
-    modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
-    for module in modules.values():
-        _SWAPS[module.__name__] = _swap_module(module, replacements)
-    # Check: every test class that lists a parent class now lists its TL class.
-    for module in modules.values():
-        for value in vars(module).values():
-            classes = getattr(value, "all_model_classes", None) if isinstance(value, type) else None
-            if classes:
-                leftover = [c.__name__ for c in classes if c in replacements]
-                assert not leftover, f"{value.__name__}.all_model_classes still lists {leftover}"
-
-
-def pytest_runtest_logstart(nodeid, location):
-    _CURRENT_TEST[0] = nodeid
-
-
-def pytest_runtest_logfinish(nodeid, location):
-    _CURRENT_TEST[0] = None
-
-
-def _message(report) -> tuple[str, list[str]]:
-    """(location of the failing statement in the test files, [statement, error lines...])."""
-    longrepr = getattr(report, "longrepr", None)
-    if isinstance(longrepr, tuple):  # skips: (path, lineno, reason)
-        return f"{Path(str(longrepr[0])).name}:{longrepr[1]}", [str(longrepr[2])]
-    entries = getattr(getattr(longrepr, "reprtraceback", None), "reprentries", None) or []
-    located = [e for e in entries if getattr(e, "reprfileloc", None) is not None]
-    in_tests = [e for e in located if "/tests/" in f"/{e.reprfileloc.path}" or e.reprfileloc.path.startswith("tests")]
-    entry = (in_tests or located or [None])[-1]
-    location, statement = "", []
-    if entry is not None:
-        location = f"{Path(entry.reprfileloc.path).name}:{entry.reprfileloc.lineno}"
-        code = [line.strip() for line in entry.lines if not line.startswith("E ") and line.strip().strip("^~")]
-        statement = [code[-1].lstrip("> ")] if code else []
-    text = getattr(report, "longreprtext", "") or ""
-    errors = [
-        line[4:] if line.startswith("E   ") else line[1:].strip()
-        for line in text.splitlines()
-        if line.startswith("E ")
-    ]
-    if not errors and text:
-        errors = [text.strip().splitlines()[-1]]
-    return location, (statement + errors)[:MESSAGE_LINES]
-
-
-def pytest_runtest_logreport(report):
-    record = _RESULTS.setdefault(
-        report.nodeid,
-        {
-            "outcome": None,
-            "phases": {},
-            "duration": 0.0,
-            "location": "",
-            "message": [],
-            "subtests_failed": 0,
-            "subtests": [],
-        },
-    )
-    record["duration"] += getattr(report, "duration", 0.0) or 0.0
-    if type(report).__name__ == "SubtestReport":
-        if report.passed or (report.skipped and not hasattr(report, "wasxfail")):
-            return
-        # failed or xfailed subtests are kept (xfail: the test's xfail marker turned a subtest failure into xfail)
-        context = getattr(report, "context", None)
-        label = " ".join(
-            str(part) for part in (getattr(context, "msg", None), getattr(context, "kwargs", None)) if part
-        )
-        where, lines = _message(report)
-        outcome = "failed" if report.failed else "xfailed"
-        record["subtests"].append({"label": label, "outcome": outcome, "location": where, "message": lines[:3]})
-        if report.failed:
-            record["subtests_failed"] += 1
-        if (report.failed and record["subtests_failed"] == 1) or not record["message"]:
-            record["location"], record["message"], record["subtest"] = where, lines, label
-        return
-    outcome = report.outcome
-    if hasattr(report, "wasxfail"):
-        outcome = "xfailed" if report.skipped else "xpassed"
-    record["phases"][report.when] = outcome
-    if report.failed or (report.skipped and not record["message"]):
-        if report.failed or report.when in ("setup", "call"):
-            where, lines = _message(report)
-            if report.failed or not record["message"]:
-                record["location"], record["message"] = where, lines
-
-
-def pytest_collectreport(report):
-    if report.failed:
-        _COLLECT_ERRORS.append(
-            {"nodeid": report.nodeid, "message": _message(report)[1] or [str(report.longrepr)[:2000]]}
-        )
-
-
-def _final_outcome(record) -> str:
-    phases = record["phases"]
-    if any(phases.get(when) == "failed" for when in ("setup", "teardown")):
-        return "error"
-    if record["subtests_failed"] or phases.get("call") == "failed":
-        return "failed"
-    for when in ("setup", "call"):
-        if phases.get(when) in ("skipped", "xfailed", "xpassed"):
-            return phases[when]
-    return "passed" if phases.get("call") == "passed" else "unknown"
-
-
-def pytest_sessionfinish(session, exitstatus):
-    path = session.config.getoption("--tl-results")
-    if not path:
-        return
-    for record in _RESULTS.values():
-        record["outcome"] = _final_outcome(record)
-    payload = {
-        "mode": session.config.getoption("--tl-swap"),
-        "exitstatus": int(exitstatus),
-        "tests": _RESULTS,
-        "collect_errors": _COLLECT_ERRORS,
-        "swaps": _SWAPS,
-        "swapped_classes": sorted(_SWAPPED),
-        "tl_builds": _TL_BUILDS,
-        "tl_align_hf": _package_file(),
-    }
-    Path(path).write_text(json.dumps(payload, indent=1))
-
-
-def _package_file() -> str | None:
-    module = sys.modules.get("tl_align_hf")
-    return getattr(module, "__file__", None)
 
 
 # ======================================================================================================= driver
@@ -345,7 +91,7 @@ def _env(run_slow: bool = False, snapshot: Path | None = None) -> dict:
     if run_slow:
         env["RUN_SLOW"] = "1"
     paths = [str(snapshot)] if snapshot is not None else []
-    paths.append(str(Path(__file__).resolve().parent))  # this file, for -p run_transformers_model_tests
+    paths.append(str(Path(__file__).resolve().parent))  # the plugin, for -p tl_align_pytest_plugin
     env["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -485,27 +231,6 @@ def _counts(payload: dict) -> dict:
     return counts
 
 
-def _summary(counts: dict) -> str:
-    """pass/fail/skip/xfail: pass = passed + xpassed; fail = failed + errors + collection errors."""
-    return "/".join(
-        str(n)
-        for n in (
-            counts["passed"] + counts["xpassed"],
-            counts["failed"] + counts["error"] + counts["collect_errors"] + counts["unknown"],
-            counts["skipped"],
-            counts["xfailed"],
-        )
-    )
-
-
-def _hint(message_lines: list[str], named_passes: bool) -> str:
-    if named_passes:
-        return KNOWN_CAUSES[0][0]
-    text = "\n".join(message_lines)
-    for key, _, pattern in KNOWN_CAUSES[1:]:
-        if re.search(pattern, text):
-            return key
-    return "new"
 
 
 def _short(test_id: str) -> str:
@@ -586,7 +311,7 @@ def _row(test_id: str, base_tests: dict, other_tests: dict, named: dict | None =
         row["named_tl"] = (
             None if named_record is None else named_record["outcome"] + ("" if named_passes else " (regressed)")
         )
-        row["hint"] = _hint(record.get("message", []), named_passes)
+        row["hint"] = hint(record.get("message", []), named_passes)
     return row
 
 
@@ -648,117 +373,6 @@ def run_family(family: str, tests_dir: Path, raw_dir: Path, versions: dict, args
                 other_changes=[_row(t, base_tests, full["tests"]) for t in n_changed],
             )
     return result
-
-
-def _table(report: dict) -> list[tuple[str, ...]]:
-    full_named = any("named" in fam for fam in report["families"])
-    header = (
-        "family",
-        "baseline p/f/s/xf",
-        "TL p/f/s/xf",
-        "regressions",
-        "TL-only passes",
-        "other changes",
-        *(("named-TL p/f/s/xf", "named regressions") if full_named else ()),
-        "swapped classes",
-        "tests building TL",
-    )
-    rows = [header]
-    for fam in report["families"]:
-        crashed = fam["baseline"]["crashed"] or fam["tl"]["crashed"]
-        named = fam.get("named", {})
-        rows.append(
-            (
-                fam["family"],
-                _summary(fam["baseline"]["counts"]) + (" (reused)" if fam["baseline"]["reused"] else ""),
-                _summary(fam["tl"]["counts"]),
-                "RUN FAILED" if crashed else str(len(fam["regressions"])),
-                str(len(fam["fixed_in_tl"])),
-                str(len(fam["other_changes"])),
-                *(
-                    (
-                        _summary(named["counts"]) if named else "-",
-                        ("RUN FAILED" if named.get("crashed") else str(len(named.get("regressions", []))))
-                        if named
-                        else "-",
-                    )
-                    if full_named
-                    else ()
-                ),
-                ", ".join(fam["swapped_classes"])
-                + (f" (MISSING {', '.join(fam['missing_swaps'])})" if fam["missing_swaps"] else ""),
-                str(fam["tests_building_tl_models"]),
-            )
-        )
-    return rows
-
-
-def _causes() -> dict:
-    causes = {key: text for key, text, _ in KNOWN_CAUSES}
-    causes["new"] = "no known cause matched: diagnose"
-    return causes
-
-
-def _describe(row: dict) -> str:
-    message = " / ".join(m.strip() for m in row["message"][:3])[:300]
-    subtest = f" [subtest {row['subtest']}]" if row.get("subtest") else ""
-    if row["tl"] in PASSING and row.get("subtests"):
-        subtest += (
-            " (the test passed, but these subtests did not: "
-            + ", ".join(f"{s['label']} {s['outcome']}" for s in row["subtests"])
-            + ")"
-        )
-    return f"{row['location']}{subtest}: {message}"
-
-
-def _markdown(report: dict) -> str:
-    rows = _table(report)
-    versions = report["versions"]
-    lines = [
-        f"# TL-Align classes against transformers' model tests ({report['date']})",
-        "",
-        f"transformers {versions['transformers']}, torch {versions['torch']}, pytest {versions['pytest']}, "
-        f"Python {versions['python']}; tl_align_hf {report['package']['hash']} (git {report['package']['git']}, "
-        f"{report['package']['tested_from']}); tests from `{report['tests_dir']}`; total {report['total_wall_s']:.0f} s.",
-        "",
-        "    " + report["command"],
-        "",
-        "| " + " | ".join(rows[0]) + " |",
-        "|" + "---|" * len(rows[0]),
-        *("| " + " | ".join(row) + " |" for row in rows[1:]),
-        "",
-        "p/f/s/xf: passed (incl. xpassed) / failed (incl. errors) / skipped / xfailed. A regression passed in the "
-        "baseline and does not pass with the TL class; `named` is its outcome with the TL class renamed like its "
-        "parent (a pass there means the test only looked the class up by name).",
-        "",
-    ]
-    causes = _causes()
-    for fam in report["families"]:
-        named = fam.get("named", {})
-        crashed = fam["baseline"]["crashed"] or fam["tl"]["crashed"]
-        if not (
-            crashed or fam["regressions"] or fam["fixed_in_tl"] or fam["other_changes"] or named.get("regressions")
-        ):
-            continue
-        lines += [f"## {fam['family']}", ""]
-        if crashed:
-            lines.append(f"- RUN FAILED: {crashed}")
-        for row in fam["regressions"]:
-            lines.append(
-                f"- `{row['test']}`: {row['baseline']} -> {row['tl']} (named: {row['named_tl']}); "
-                f"hint `{row['hint']}` ({causes[row['hint']]}); {_describe(row)}"
-            )
-        for row in fam["fixed_in_tl"]:
-            lines.append(f"- passes only with the TL class: `{row['test']}` ({row['baseline']} -> {row['tl']})")
-        for row in fam["other_changes"]:
-            what = "skip reason changed" if row["baseline"] == row["tl"] == "skipped" else "other change"
-            lines.append(f"- {what}: `{row['test']}` ({row['baseline']} -> {row['tl']}); {_describe(row)}")
-        for row in named.get("regressions", []):
-            lines.append(
-                f"- named-TL regression: `{row['test']}` ({row['baseline']} -> {row['tl']}); {_describe(row)}"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -843,42 +457,9 @@ def main(argv=None) -> int:
         "families": family_reports,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    (args.out / "report.md").write_text(_markdown(report))
+    (args.out / "report.md").write_text(markdown(report))
 
-    rows = _table(report)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print()
-    for fam in family_reports:
-        for side in ("baseline", "tl"):
-            if fam[side]["crashed"]:
-                print(f"[{fam['family']}] {side} RUN FAILED: {fam[side]['crashed'][:1500]}")
-        for row in fam["regressions"]:
-            first = next((m.strip() for m in reversed(row["message"]) if m.strip()), "")
-            print(
-                f"[{fam['family']}] REGRESSION {row['test']} -> {row['tl']} (named: {row['named_tl']}, "
-                f"hint: {row['hint']}): {first[:160]}"
-            )
-        for row in fam.get("named", {}).get("regressions", []):
-            print(f"[{fam['family']}] NAMED-TL REGRESSION {row['test']} -> {row['tl']}: {_describe(row)[:200]}")
-        if fam["missing_swaps"]:
-            print(f"[{fam['family']}] WARNING: expected swaps not made: {fam['missing_swaps']}")
-    print(
-        f"\nreport: {args.out / 'report.md'} and report.json; logs in {raw_dir}; total {report['total_wall_s']:.0f} s"
-    )
-    # Exit status 1 on anything but regressions that only come from tests looking the class up by name (the
-    # issue's exception): behavioural regressions, named-TL regressions, failed runs, swaps not made.
-    failed = any(
-        any(row["hint"] != "name" for row in f["regressions"])
-        or f["missing_swaps"]
-        or f["baseline"]["crashed"]
-        or f["tl"]["crashed"]
-        or f.get("named", {}).get("regressions")
-        or f.get("named", {}).get("crashed")
-        for f in family_reports
-    )
-    return 1 if failed else 0
+    return print_summary(report, args.out, raw_dir)
 
 
 if __name__ == "__main__":

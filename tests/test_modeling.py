@@ -57,8 +57,9 @@ def max_reference_difference(family, attn_implementation, kind, attention_path="
 @pytest.mark.parametrize("kind", ["fractional", "binary", "constant"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["vit", "deit"])
-def test_aligned_target_matches_full_label_vector_reference(family, attn_implementation, kind):
+def test_aligned_target_matches_full_label_vector_reference(family, attn_implementation, kind, record_property):
     difference, moved = max_reference_difference(family, attn_implementation, kind)
+    record_property("equivalence", (family, attn_implementation, "auto", kind, difference, moved))  # the script's row
     assert difference < 1e-5
     if kind != "constant":  # alignment really moved the target away from the area share
         assert moved > 1e-3
@@ -66,16 +67,18 @@ def test_aligned_target_matches_full_label_vector_reference(family, attn_impleme
 
 @pytest.mark.parametrize("attention_path", ["eager", "value_channel", "explicit"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_every_attention_path_matches_reference(attention_path, attn_implementation):
-    difference, _ = max_reference_difference("deit", attn_implementation, "fractional", attention_path)
+def test_every_attention_path_matches_reference(attention_path, attn_implementation, record_property):
+    difference, moved = max_reference_difference("deit", attn_implementation, "fractional", attention_path)
+    record_property("equivalence", ("deit", attn_implementation, attention_path, "fractional", difference, moved))
     assert difference < 1e-5
 
 
 @pytest.mark.parametrize("family", ["vit", "deit"])
-def test_non_square_images_with_interpolated_positions_match_reference(family):
+def test_non_square_images_with_interpolated_positions_match_reference(family, record_property):
     difference, moved = max_reference_difference(
         family, "sdpa", "binary", image_hw=(16, 32), interpolate_pos_encoding=True
     )
+    record_property("equivalence", (f"{family} (16x32, interpolated)", "sdpa", "auto", "binary", difference, moved))
     assert difference < 1e-5 and moved > 1e-3
 
 

@@ -168,15 +168,18 @@ def max_reference_difference(name, attn_implementation, attention_path, kind="fr
 
 @pytest.mark.parametrize("attention_path", PATHS)
 @pytest.mark.parametrize(("name", "attn_implementation"), FAMILY_BACKENDS)
-def test_aligned_target_matches_full_label_vector_reference(name, attn_implementation, attention_path):
+def test_aligned_target_matches_full_label_vector_reference(name, attn_implementation, attention_path, record_property):
     difference, moved = max_reference_difference(name, attn_implementation, attention_path)
+    record_property("equivalence", (name, attn_implementation, attention_path, "fractional", difference, moved))  # the script's row
     assert difference < 1e-5
     assert moved > 1e-3  # alignment really moved the target away from the area share
 
 
 @pytest.mark.parametrize("attention_path", PATHS)
-def test_swinv2_padded_windows_and_odd_patch_merging_match_reference(attention_path):
+def test_swinv2_padded_windows_and_odd_patch_merging_match_reference(attention_path, record_property):
     difference, moved = max_reference_difference("swinv2", "eager", attention_path, image_size=28)
+    row = ("swinv2 (28 px: padded windows, odd merge)", "eager", attention_path, "fractional", difference, moved)
+    record_property("equivalence", row)  # the script's row
     assert difference < 1e-5 and moved > 1e-3
 
 

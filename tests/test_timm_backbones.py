@@ -65,6 +65,7 @@ VARIANTS = {
 EXPLICIT_ONLY = {"swinv2", "swinv2_padded"}  # Swin V2's cosine attention has no SDPA path in timm
 # (timm's fused_attn, attention path): the path only matters for SDPA; the explicit softmax gives its probabilities
 ATTENTION_KINDS = [(False, "auto"), (True, "eager"), (True, "value_channel"), (True, "explicit")]
+WEIGHT_KINDS = ("binary", "fractional")  # token weights of the reference batches: pixel-exact boxes and fractional
 
 
 def _image_size(variant: str) -> int:
@@ -249,13 +250,16 @@ CASES = [
 
 
 @pytest.mark.parametrize("variant,fused,path", CASES)
-def test_aligned_target_matches_full_label_vector_reference(variant, fused, path):
+def test_aligned_target_matches_full_label_vector_reference(variant, fused, path, record_property):
     vanilla = tiny_backbone(variant, fused=False)
     aligned = aligned_backbone(vanilla, fused, path)
+    results = {kind: max_reference_difference(aligned, vanilla, backbone_batch(variant, kind)) for kind in WEIGHT_KINDS}
+    difference, moved = max(d for d, _ in results.values()), max(m for _, m in results.values())
+    kind = "SDPA (fused_attn)" if fused else "explicit softmax"
+    record_property("equivalence", (f"{variant} (`{VARIANTS[variant][0]}`)", kind, path, difference, moved))
+    assert difference < 1e-5, results
+    assert results["binary"][1] > 5e-3  # alignment really moved the target (500 times the tolerance) away from the area share
     batch = backbone_batch(variant)
-    difference, moved = max_reference_difference(aligned, vanilla, batch)
-    assert difference < 1e-5
-    assert moved > 5e-3  # alignment really moved the target (500 times the tolerance) away from the area share
     with torch.no_grad():  # the aligned forward computes what timm computes
         expected_logits = vanilla(batch["pixel_values"]).logits
         torch.testing.assert_close(aligned(batch["pixel_values"], **mixing(batch)).logits, expected_logits, rtol=0, atol=1e-5)

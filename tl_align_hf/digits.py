@@ -106,20 +106,37 @@ def _check_replaceable(root: Path) -> None:
 
 def _write_split_folders(folder: Path, image_size: int, test_size: float, seed: int) -> None:
     """Write `folder/train/<digit>/*.png` and `folder/validation/<digit>/*.png`."""
+    for split, (indices, images, labels) in digits_splits(image_size, test_size, seed).items():
+        for index, image, label in zip(indices, images, labels):
+            class_dir = folder / split / str(label)
+            class_dir.mkdir(parents=True, exist_ok=True)
+            image.save(class_dir / f"{index:04d}.png")
+
+
+def digits_splits(
+    image_size: int = 32, test_size: float = 0.2, seed: int = 0
+) -> dict[str, tuple[list[int], list[Image.Image], list[int]]]:
+    """The digits as `{"train": (indices, images, labels), "validation": (...)}`, in memory.
+
+    The stratified split of `write_digits_imagefolder` (same `test_size` and `seed`, same images): `indices` are
+    the rows of `load_digits` in ascending order, `images` 'L' PIL images of `image_size` px, `labels` 0-9.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    _check_digits_args(image_size, test_size)
     digits = load_digits()
     indices = np.arange(len(digits.target))
     train_idx, val_idx = train_test_split(indices, test_size=test_size, stratify=digits.target, random_state=seed)
+    splits = {}
     for split, split_idx in (("train", train_idx), ("validation", val_idx)):
-        for index in sorted(split_idx.tolist()):
-            class_dir = folder / split / str(digits.target_names[digits.target[index]])
-            class_dir.mkdir(parents=True, exist_ok=True)
-            _digit_to_image(digits.images[index], image_size).save(class_dir / f"{index:04d}.png")
+        rows = sorted(split_idx.tolist())
+        images = [digit_image(digits.images[index], image_size) for index in rows]
+        splits[split] = (rows, images, [int(digits.target[index]) for index in rows])
+    return splits
 
 
-def _digit_to_image(pixels: np.ndarray, image_size: int) -> Image.Image:
+def digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
     """(8, 8) floats in 0..16 -> an 'L' image of (image_size, image_size), bicubic upsampling."""
     grey = np.rint(pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     return Image.fromarray(grey).resize((image_size, image_size), Image.Resampling.BICUBIC)
