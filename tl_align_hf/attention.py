@@ -248,6 +248,12 @@ def _share_channels(shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([high, (shares - high.float()).to(dtype)], dim=-1)
 
 
+def _widened(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` with zero channels appended up to `width` (a copy; the input itself when it has that width)."""
+    missing = width - tensor.shape[-1]
+    return tensor if missing == 0 else torch.cat([tensor, tensor.new_zeros(*tensor.shape[:-1], missing)], dim=-1)
+
+
 def value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, shares, *, dropout, scaling, **kwargs):
     """Run the backend once on values widened by share channels; return output, weights and `(B, N)` attended shares."""
     batch_size, num_heads, num_tokens, head_dim = value.shape
@@ -258,15 +264,17 @@ def value_channel_attention(base_function: Callable, module, query, key, value, 
     multiple = _CHANNEL_MULTIPLE.get(value.device.type, _ACCELERATOR_CHANNEL_MULTIPLE)
     padded_dim = -(-(head_dim + num_channels) // multiple) * multiple
     share_values = channels[:, None].expand(batch_size, num_heads, num_tokens, num_channels)
-    zeros = value.new_zeros(batch_size, num_heads, num_tokens, padded_dim - head_dim - num_channels)
-    value = torch.cat([value, share_values, zeros], dim=-1)
-    # Zero channels on query and key leave QK^T unchanged and keep all three head dims equal (flash kernels need it).
-    padding = (0, padded_dim - head_dim)
-    query, key = torch.nn.functional.pad(query, padding), torch.nn.functional.pad(key, padding)
+    # Zero channels on query and key leave QK^T unchanged and keep all three head dims equal (the kernels need it).
+    # `cat` with a small zero block, not `pad`: padding fills the whole widened tensor before copying into it.
+    value = _widened(torch.cat([value, share_values], dim=-1), padded_dim)
+    query, key = _widened(query, padded_dim), _widened(key, padded_dim)
     output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    # output is (B, N, H, padded_dim): sum the share channels in float32, then average over heads
-    attended = output[..., head_dim : head_dim + num_channels].float().sum(dim=-1).mean(dim=-1) + 0.5
-    return output[..., :head_dim], weights, attended
+    # output is (B, N, H, padded_dim). `split`, not slicing: the gradient of a slice is a zero-filled tensor of the
+    # whole width, that of a split only the (zero) gradient of the share channels next to the output's own.
+    output, share_output, _ = output.split([head_dim, num_channels, padded_dim - head_dim - num_channels], dim=-1)
+    # sum the share channels in float32, then average over heads
+    attended = share_output.detach().float().sum(dim=-1).mean(dim=-1) + 0.5
+    return output, weights, attended
 
 
 def attention_with_shares(
