@@ -28,6 +28,7 @@ hooks such a module so that the aligner reaches the attention function as an att
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -133,6 +134,20 @@ def _stash_aligner(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _drop_aligner(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
     setattr(module, ALIGNER_ATTRIBUTE, None)
+
+
+@contextlib.contextmanager
+def aligner_on_modules(modules: list[torch.nn.Module], aligner: TokenLabelAligner):
+    """Within the block, ``aligner`` is on each of ``modules`` (as ``ALIGNER_ATTRIBUTE``), where the forward of
+    attention modules that take no aligner argument finds it; afterwards it is taken off, so that a later forward
+    without mixing arguments is the parent's."""
+    for module in modules:
+        setattr(module, ALIGNER_ATTRIBUTE, aligner)
+    try:
+        yield
+    finally:
+        for module in modules:
+            setattr(module, ALIGNER_ATTRIBUTE, None)
 
 
 def pass_aligner_through(attention_module: torch.nn.Module) -> None:

@@ -59,6 +59,7 @@ from .aligner import TokenLabelAligner, validate_mixing_inputs
 from .attention import (
     ALIGNER_ATTRIBUTE,
     ATTENTION_PATHS,
+    aligner_on_modules,
     attention_with_shares,
     choose_path,
     dropout_free_probabilities,
@@ -318,14 +319,8 @@ def _forward_with_aligner_on_modules(parent_forward, model: TLAlignMixin, *, tok
     if model.is_activation_checkpointing and torch.is_grad_enabled():
         token_label_aligner.attention_path = "explicit"  # the recomputation runs the parent's attention (see above)
     holders = (*model.tl_align_attention_classes.values(), *model.tl_align_aligner_holders)
-    modules = [module for module in model.modules() if isinstance(module, holders)]
-    for module in modules:
-        setattr(module, ALIGNER_ATTRIBUTE, token_label_aligner)
-    try:
+    with aligner_on_modules([module for module in model.modules() if isinstance(module, holders)], token_label_aligner):
         return parent_forward(model, **arguments)
-    finally:
-        for module in modules:
-            setattr(module, ALIGNER_ATTRIBUTE, None)
 
 
 class TLAlignViTForImageClassification(TLAlignMixin, ViTForImageClassification):

@@ -49,7 +49,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from timm.models.vision_transformer_relpos import RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos
 from transformers import TimmWrapperForImageClassification
 
-from .attention import ALIGNER_ATTRIBUTE
+from .attention import aligner_on_modules
 from .modeling import TLAlignMixin, _aligned_output_class
 from .timm_attention import ALIGNED_ATTENTION, AlignedTimmAttention, attention_pool_pre_hook
 from .timm_swin import SWIN_BLOCKS, SWIN_MERGING, install_swin_hooks, swin_blocks
@@ -178,17 +178,11 @@ _ALIGNER_CARRIERS = (AlignedTimmAttention, AttentionPoolLatent, *SWIN_BLOCKS, *S
 def _forward_with_aligner_on_modules(parent_forward, model, *, token_label_aligner, **arguments):
     """``parent_forward(model, **arguments)`` with the aligner on timm's attention and pooling modules for the call
     (timm's forward takes no aligner argument); the distilled heads are named in the output."""
-    modules = [module for module in model.modules() if isinstance(module, _ALIGNER_CARRIERS)]
     checkpointing = any(getattr(module, "grad_checkpointing", False) for module in model.timm_model.modules())
     if checkpointing and torch.is_grad_enabled():  # the blocks are recomputed as plain timm (module docstring)
         token_label_aligner.attention_path = "explicit"
-    for module in modules:
-        setattr(module, ALIGNER_ATTRIBUTE, token_label_aligner)
-    try:
+    with aligner_on_modules([module for module in model.modules() if isinstance(module, _ALIGNER_CARRIERS)], token_label_aligner):
         outputs = parent_forward(model, **arguments)
-    finally:
-        for module in modules:
-            setattr(module, ALIGNER_ATTRIBUTE, None)
     if isinstance(outputs.logits, tuple):  # VisionTransformerDistilled with distilled_training, in training
         outputs = {**outputs, "cls_logits": outputs.logits[0], "distillation_logits": outputs.logits[1]}
     return outputs
