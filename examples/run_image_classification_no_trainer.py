@@ -323,12 +323,10 @@ def main(argv=None):
     collator = TLAlignCollator.from_model(model, args.mixing, seed=args.seed, rank=accelerator.process_index,
                                           **({"image_size": None} if interpolate else {}))  # fmt: skip
     # Repeated augmentation: a sampler whose order is a function of the seed and the epoch (set by `set_epoch`).
-    repeated = None
-    if args.repeated_augmentation > 1:
-        repeated = RepeatedAugmentationSampler(
-            len(train_dataset), args.repeated_augmentation, args.per_device_train_batch_size, accelerator.num_processes,
-            args.seed or 0,
-        )  # fmt: skip
+    repeated = None if args.repeated_augmentation == 1 else RepeatedAugmentationSampler(
+        len(train_dataset), args.repeated_augmentation, args.per_device_train_batch_size, accelerator.num_processes,
+        args.seed or 0,
+    )  # fmt: skip
     train_dataloader = DataLoader(
         train_dataset,
         shuffle=repeated is None,
