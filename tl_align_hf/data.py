@@ -370,14 +370,20 @@ def _with_labels(batch: Mapping[str, list], label_column_name: str, pixel_values
     return output
 
 
-def _example_seed(seed: int, epoch: int, image: Image.Image, copy: int = 0) -> int:
-    """A 63-bit seed from (seed, epoch, the image's size and pixels): the same in every process and worker. `copy`
-    > 0 numbers the further copies of an image in one batch (repeated augmentation), each drawn anew."""
+def _image_digest(seed: int, epoch: int, image: Image.Image):
+    """The blake2b state of (seed, epoch, the image's size and pixels): the same in every process and worker."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{image.size}:".encode(), digest_size=8)
     digest.update(image.tobytes())
+    return digest
+
+
+def _example_seed(image_digest, copy: int = 0) -> int:
+    """A 63-bit seed from an image's digest (:func:`_image_digest`); `copy` > 0 numbers the further copies of an
+    image in one batch (repeated augmentation), each drawn anew."""
     if copy:
-        digest.update(f":copy {copy}".encode())
-    return int.from_bytes(digest.digest(), "little") >> 1
+        image_digest = image_digest.copy()
+        image_digest.update(f":copy {copy}".encode())
+    return int.from_bytes(image_digest.digest(), "little") >> 1
 
 
 # ---------------------------------------------------------------- transforms
@@ -408,15 +414,19 @@ class TrainTransform:
         images = _images(batch, self.image_column_name)
         copies = collections.Counter()  # equal images of the batch (repeated augmentation) get different draws
         pixel_values = []
-        for image in images:
-            key = _example_seed(self.seed, self.epoch, image)
-            pixel_values.append(self.augment(image, copy=copies[key]))
+        for image in images:  # each image's pixels are hashed once
+            image_digest = _image_digest(self.seed, self.epoch, image)
+            key = image_digest.digest()
+            pixel_values.append(self._augment_with_seed(image, _example_seed(image_digest, copies[key])))
             copies[key] += 1
         return _with_labels(batch, self.label_column_name, pixel_values)
 
     def augment(self, image: Image.Image, copy: int = 0) -> torch.Tensor:
         """One RGB image -> float32 tensor (3, height, width), randomised by (seed, epoch, pixels, copy number)."""
-        with _seeded_global_generators(_example_seed(self.seed, self.epoch, image, copy)):
+        return self._augment_with_seed(image, _example_seed(_image_digest(self.seed, self.epoch, image), copy))
+
+    def _augment_with_seed(self, image: Image.Image, example_seed: int) -> torch.Tensor:
+        with _seeded_global_generators(example_seed):
             return self.augmentation(image)
 
 
