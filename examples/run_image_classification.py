@@ -44,9 +44,10 @@ from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import get_last_checkpoint
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, to_tl_align
-from tl_align_hf.data import (
+from tl_align_hf.support import (
     AUGMENTATIONS,
     DEIT_RECIPE,
+    default_digits_dir,
     default_image_processor,
     deit_augmentation,
     label_maps,
@@ -54,9 +55,9 @@ from tl_align_hf.data import (
     make_transforms,
     prepare_image_dataset,
     processor_resolution_differs,
+    set_drop_path_rate,
+    write_digits_imagefolder,
 )
-from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
-from tl_align_hf.recipes import set_drop_path_rate
 
 logger = logging.getLogger(__name__)
 

@@ -50,35 +50,34 @@ from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 
 from tl_align_hf import (
+    ATTENTION_PATHS,
     MixingSettings,
     TLAlignCollator,
     alignment_metrics,
     mixed_batch_loss,
-    push_checkpoint_to_hub,
     to_tl_align,
 )
-from tl_align_hf.attention import ATTENTION_PATHS
-from tl_align_hf.checkpoints import (
-    LoopRecord,
-    check_one_run_per_launch,
-    check_writable,
-    disk_full_error,
-    training_settings,
-)
-from tl_align_hf.data import (
+from tl_align_hf.support import (
+    ACCURACY_METRIC_PATH,
     AUGMENTATIONS,
     DEIT_RECIPE,
+    LoopRecord,
+    RepeatedAugmentationSampler,
+    check_one_run_per_launch,
+    check_writable,
+    default_digits_dir,
     default_image_processor,
     deit_augmentation,
+    disk_full_error,
     interpolation_kwargs,
     make_transforms,
+    model_card,
     prepare_image_dataset,
     processor_resolution_differs,
+    push_checkpoint_to_hub,
+    training_settings,
+    write_digits_imagefolder,
 )
-from tl_align_hf.digits import default_digits_dir, write_digits_imagefolder
-from tl_align_hf.metrics import ACCURACY_METRIC_PATH
-from tl_align_hf.model_card import model_card
-from tl_align_hf.sampler import RepeatedAugmentationSampler
 
 logger = get_logger(__name__)
 

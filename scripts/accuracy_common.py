@@ -15,7 +15,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 
-from tl_align_hf.digits import digits_splits as digits_images
+from tl_align_hf.support.digits import digits_splits as digits_images
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SIZE = 0.25  # fixed stratified split: 1,347 train / 450 test images
@@ -98,7 +98,7 @@ def digits_splits(
     image_size: int, train_limit: int | None = None, test_limit: int | None = None
 ) -> tuple[Dataset, Dataset]:
     """(train, test) `datasets.Dataset`s with `image` (PIL, `image_size` px) and `label` (ClassLabel 0-9): the
-    fixed split of the package's digits (`tl_align_hf.digits.digits_splits`)."""
+    fixed split of the package's digits (`tl_align_hf.support.digits.digits_splits`)."""
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
 
     def split(images: list, labels: list[int], limit: int | None) -> Dataset:

@@ -18,7 +18,7 @@ backend whose probabilities the aligned arms reuse, so both arms of a pair compu
 weights (`first_step_outputs` checks it). Each pair is compared over the same seeds by `accuracy_report.py`, which
 the runner calls once every run is trained (the arms, settings and run files: `accuracy_common.py`).
 
-Data: the package's digits (`tl_align_hf.digits`: scikit-learn's 1,797 real 8x8 scans, 10 classes), a fixed
+Data: the package's digits (`tl_align_hf.support.digits`: scikit-learn's 1,797 real 8x8 scans, 10 classes), a fixed
 stratified split (`TEST_SIZE`, `SPLIT_SEED`: 1,347 train / 450 test), upsampled bicubic to
 `StudySettings.image_size` px (16: the 4 px patches form a 4x4 grid). Each run evaluates on the test split after
 every epoch; the test set is only watched, never used to pick an epoch: the reported accuracy is the final epoch's.
@@ -77,7 +77,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from transformers.trainer_callback import PrinterCallback
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer
-from tl_align_hf.data import default_image_processor, make_transforms
+from tl_align_hf.support.data import default_image_processor, make_transforms
 
 
 # ---------------------------------------------------------------------------------------------------------- runs

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tl_align_hf.digits import write_digits_imagefolder
+from tl_align_hf.support.digits import write_digits_imagefolder
 
 from .tiny_models import TINY_IMAGE_SIZE, write_tiny_checkpoint
 

@@ -14,7 +14,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import AutoImageProcessor, BitImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
-from tl_align_hf.data import (
+from tl_align_hf.support.data import (
     check_columns,
     default_image_processor,
     label_maps,
@@ -24,7 +24,7 @@ from tl_align_hf.data import (
     set_train_epoch,
     to_rgb,
 )
-from tl_align_hf.digits import MARKER_NAME, default_digits_dir, write_digits_imagefolder
+from tl_align_hf.support.digits import MARKER_NAME, default_digits_dir, write_digits_imagefolder
 
 DIGITS_SIZE = 16  # smaller than the default 32 to keep the tests fast
 NUM_DIGITS, NUM_TRAIN, NUM_VALIDATION = 1797, 1437, 360

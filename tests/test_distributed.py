@@ -21,8 +21,8 @@ import torch
 from transformers import ViTForImageClassification
 
 from tl_align_hf import MixingSettings, TLAlignCollator, TLAlignMixer, mixed_batch_loss, to_tl_align
-from tl_align_hf.checkpoints import STAGING_DIR
-from tl_align_hf.data import load_image_dataset
+from tl_align_hf.support.checkpoints import STAGING_DIR
+from tl_align_hf.support.data import load_image_dataset
 
 from .test_no_trainer import EXAMPLES, load_example, run_arguments
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, PATCH_SIZE, tiny_model, weights_digest
@@ -58,7 +58,7 @@ TRAINER_RUN = textwrap.dedent(
     from transformers import TrainerCallback
     from tests.tiny_models import weights_digest
     from tl_align_hf import TLAlignTrainer
-    from tl_align_hf.metrics import compute_accuracy_metrics
+    from tl_align_hf.support.metrics import compute_accuracy_metrics
     {record}
     tl_align_hf.trainer.mixed_batch_loss = _recording(tl_align_hf.trainer.mixed_batch_loss)
 

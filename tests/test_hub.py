@@ -25,7 +25,7 @@ from transformers import ViTConfig, ViTImageProcessor
 
 from tests.hub_server import FAKE_TOKEN, FAKE_USER, HubServer, patch_client_in_process
 from tl_align_hf import TLAlignViTForImageClassification, push_checkpoint_to_hub
-from tl_align_hf.model_card import model_card
+from tl_align_hf.support.model_card import model_card
 
 REPO_ID = f"{FAKE_USER}/tiny-vit-tl-align"
 MIXING = {"mixing_method": "token_cutmix", "cutmix_alpha": 1.0, "mixup_alpha": 0.0, "mix_prob": 1.0, "mix_mode": "batch"}

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, constants
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, push_checkpoint_to_hub
-from tl_align_hf.model_card import model_card, tl_align_model_card
+from tl_align_hf.support.model_card import model_card, tl_align_model_card
 
 from .test_no_trainer import load_example
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, tiny_model

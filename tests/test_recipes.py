@@ -35,11 +35,16 @@ from transformers import (
 )
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer
-from tl_align_hf.data import TrainTransform
-from tl_align_hf.ema import ModelEma
-from tl_align_hf.optim import no_weight_decay_names, optimizer_param_groups, scaled_learning_rate, timm_cosine_schedule
-from tl_align_hf.recipes import set_drop_path_rate
-from tl_align_hf.sampler import RepeatedAugmentationSampler
+from tl_align_hf.support.data import TrainTransform
+from tl_align_hf.support.ema import ModelEma
+from tl_align_hf.support.optim import (
+    no_weight_decay_names,
+    optimizer_param_groups,
+    scaled_learning_rate,
+    timm_cosine_schedule,
+)
+from tl_align_hf.support.recipes import set_drop_path_rate
+from tl_align_hf.support.sampler import RepeatedAugmentationSampler
 
 from .test_distributed import ROOT, torchrun
 from .test_no_trainer import EXAMPLES, load_example

@@ -1,16 +1,17 @@
 """tl-align-hf: Token-Label Alignment (TL-Align, ICCV 2023) for Hugging Face vision transformers.
 
-The public API: the aligned models (and `to_tl_align`), the mixing settings, mixer and collator, the loss, the
-trainer and its config, and the Hub helpers. The data pipeline of the example scripts lives in `tl_align_hf.data`
-and `tl_align_hf.digits`, outside this API.
+The public API: the aligned models (and `to_tl_align`), the attention paths, the mixing settings, mixer and
+collator, the loss, the trainer and its config, and the Hub helpers. The support code the examples need (data
+loading and checks, the digits set, checkpoints, the model card, the metric, the recipe's optimizer/sampler/EMA) is
+the `tl_align_hf.support` subpackage, whose `__all__` lists its documented helpers.
 """
 
 from .aligner import TokenLabelAligner
+from .attention import ATTENTION_PATHS
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
 from .losses import alignment_metrics, mixed_batch_loss, mixed_soft_targets, mixing_loss, soft_target_cross_entropy
 from .mixer import MixingSettings, TLAlignMixer, mixing_generator
-from .model_card import push_checkpoint_to_hub, tl_align_model_card
 from .modeling import (
     TLAlignBeitForImageClassification,
     TLAlignCLIPForImageClassification,
@@ -30,11 +31,13 @@ from .modeling import (
     TLAlignViTMSNForImageClassification,
     to_tl_align,
 )
+from .support.model_card import push_checkpoint_to_hub, tl_align_model_card
 from .trainer import TLAlignTrainer
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "ATTENTION_PATHS",
     "MixingSettings",
     "TLAlignBeitForImageClassification",
     "TLAlignCLIPForImageClassification",

@@ -13,24 +13,24 @@ from transformers import DefaultDataCollator, Trainer, TrainerCallback, Training
 from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
 from transformers.utils import logging
 
-from .checkpoints import (
+from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
+from .config import TLAlignConfig, as_tl_align_config
+from .losses import alignment_metrics, mixed_batch_loss
+from .mixer import MIXING_KEYS
+from .modeling import TLAlignMixin, as_parent_class, to_tl_align
+from .support.checkpoints import (
     TrainingRecord,
     atomic_checkpoint_save,
     check_one_run_per_launch,
     check_writable,
     recorded_training,
 )
-from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
-from .config import TLAlignConfig, as_tl_align_config
-from .data import interpolation_kwargs, set_train_epoch
-from .ema import ModelEma
-from .losses import alignment_metrics, mixed_batch_loss
-from .metrics import compute_accuracy_metrics
-from .mixer import MIXING_KEYS
-from .model_card import tl_align_model_card
-from .modeling import TLAlignMixin, as_parent_class, to_tl_align
-from .optim import no_weight_decay_names, optimizer_param_groups, scaled_learning_rate, timm_cosine_schedule
-from .sampler import RepeatedAugmentationSampler
+from .support.data import interpolation_kwargs, set_train_epoch
+from .support.ema import ModelEma
+from .support.metrics import compute_accuracy_metrics
+from .support.model_card import tl_align_model_card
+from .support.optim import no_weight_decay_names, optimizer_param_groups, scaled_learning_rate, timm_cosine_schedule
+from .support.sampler import RepeatedAugmentationSampler
 
 logger = logging.get_logger(__name__)
 
@@ -430,7 +430,7 @@ class TLAlignTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written into a staging folder and renamed into place when complete (see
-        `tl_align_hf.checkpoints.atomic_checkpoint_save`): a kill or a full disk never leaves a partial checkpoint-N."""
+        `tl_align_hf.support.checkpoints.atomic_checkpoint_save`): a kill or a full disk never leaves a partial checkpoint-N."""
         with atomic_checkpoint_save(self, super()._get_output_dir(trial)) as staging_dir:
             self._staging_dir = staging_dir
             try:
@@ -476,7 +476,7 @@ class TLAlignTrainer(Trainer):
         Takes the arguments of `Trainer.create_model_card` (`finetuned_from`, `tasks`, `dataset`, `tags`, ...). The
         card describes what the weights were trained with: this trainer's training, or, when it has not trained
         (an evaluation-only run), the record saved with the weights it loaded (their folder's `trainer_state.json`,
-        see `tl_align_hf.checkpoints.recorded_training`); with neither, it claims no training settings.
+        see `tl_align_hf.support.checkpoints.recorded_training`); with neither, it claims no training settings.
         """
         if not self.is_world_process_zero():
             return

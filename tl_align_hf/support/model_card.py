@@ -27,7 +27,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.modelcard import TrainingSummary, make_markdown_table
 
-from .config import TLAlignConfig
+from ..config import TLAlignConfig
 
 if TYPE_CHECKING:
     from transformers import Trainer

@@ -1,6 +1,6 @@
 """Top-1 and top-5 accuracy as an `evaluate` metric, loadable offline by path.
 
-    metric = evaluate.load(tl_align_hf.metrics.ACCURACY_METRIC_PATH)
+    metric = evaluate.load(tl_align_hf.support.metrics.ACCURACY_METRIC_PATH)
     metric.compute(predictions=logits, references=labels)  # {"accuracy": ..., "top5_accuracy": ...}
 """
 
