@@ -1,7 +1,7 @@
 """Where the time of a training step goes: torch profiler, per op, plain mixing against TL-Align, same weights.
 
-The step is the one `scripts/bench_overhead.py` times (forward + backward + AdamW, one token-grid CutMix batch).
-Each variant runs `--warmup` steps, then `--steps` profiled steps; the table lists, per op, the self CPU time per
+The step is the one `scripts/benchmark.py` times (forward + backward + AdamW, one token-grid CutMix batch, each
+variant on its own copy of the same weights). Each variant runs `--warmup` steps, then `--steps` profiled steps; the table lists, per op, the self CPU time per
 step of each variant and the difference, largest differences first, so the ops that TL-Align adds or makes slower
 stand at the top.
 
@@ -20,18 +20,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import CONFIGS, VARIANTS, make_batch, make_model, step  # noqa: E402
+from benchmark import CONFIGS, VARIANTS, make_batch, make_runs, model_spec, train_step  # noqa: E402
 
 
-def self_times_per_step(model, batch: dict, variant: str, steps: int, warmup: int) -> dict[str, float]:
+def self_times_per_step(run, batch: dict, steps: int, warmup: int) -> dict[str, float]:
     """Self CPU milliseconds per step of each op (forward and backward ops counted apart) over `steps` steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    models = {variant: model}
     for _ in range(warmup):
-        step(models, optimizer, batch, variant, contextlib.nullcontext)
+        train_step(run, batch, contextlib.nullcontext)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(steps):
-            step(models, optimizer, batch, variant, contextlib.nullcontext)
+            train_step(run, batch, contextlib.nullcontext)
     return {event.key: event.self_cpu_time_total / 1e3 / steps for event in profiler.key_averages()}
 
 
@@ -48,15 +46,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     baseline, candidate = args.variants
     for name in args.configs:
-        model = make_model(name, args.image_size, torch.device("cpu"))
-        patch_size = model.tl_align_patch_size
-        batch = make_batch(args.batch_size, args.image_size, patch_size if isinstance(patch_size, int) else patch_size[0],
-                           torch.device("cpu"))  # fmt: skip
-        times = {variant: self_times_per_step(model, batch, variant, args.steps, args.warmup) for variant in args.variants}
+        spec = model_spec(name, image_size=args.image_size)
+        batch = make_batch(spec, args.batch_size, torch.device("cpu"))
+        runs = make_runs(spec, args.variants, None, torch.device("cpu"))
+        times = {run.name: self_times_per_step(run, batch, args.steps, args.warmup) for run in runs}
         ops = set(times[baseline]) | set(times[candidate])
         rows = sorted(ops, key=lambda op: abs(times[candidate].get(op, 0.0) - times[baseline].get(op, 0.0)), reverse=True)
         totals = {variant: sum(times[variant].values()) for variant in args.variants}
-        print(f"\n### {CONFIGS[name][0]}, {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads:"
+        print(f"\n### {spec.title}, {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads:"
               f" self CPU ms per step, {args.steps} profiled steps")  # fmt: skip
         print(f"| op | {baseline} | {candidate} | difference |")
         print("|---|---|---|---|")
