@@ -54,16 +54,17 @@ import tl_align_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loss import loss_rows  # noqa: E402  (the mixed loss at any class count)
-from benchmark_report import evaluate_goals, write_results  # noqa: E402
+from benchmark_report import CANDIDATE, evaluate_goals, write_results  # noqa: E402
 
 SCRIPT = "scripts/benchmark.py"
 LABEL_SMOOTHING = 0.1
 GIB = 2**30
-CANDIDATE = "tl-align-value-channel"  # the aligned path of the goals (benchmark_report.GOALS)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model config: aligned class, config class and sizes (``config_values``), patch size, image size, labels."""
+
     title: str
     aligned_class: type
     config_class: type

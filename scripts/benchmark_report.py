@@ -1,4 +1,4 @@
-"""The markdown table of scripts/benchmark.py's results, from the results or from the JSON it wrote.
+"""The goals and the markdown table of scripts/benchmark.py's results, from the results or the JSON it wrote.
 
     python scripts/benchmark_report.py benchmark_out/benchmark.json     # prints the table again
 """

@@ -134,6 +134,22 @@ def test_timm_variants_switch_timm_attention_backend():
         torch.testing.assert_close(aligned_sdpa.model.state_dict()[name], tensor)
 
 
+def test_goals_compare_the_value_channel_with_plain_sdpa_as_baseline():
+    import benchmark_report
+
+    def case(baseline: str, time_ratio: float) -> dict:
+        summary = {"median_ms": 10.0, "peak_memory_gib": None, "time_ratio": 1.0, "memory_ratio": None}
+        variants = {baseline: summary, "plain-sdpa": summary,
+                    "tl-align-value-channel": {**summary, "median_ms": 10.6, "time_ratio": time_ratio}}  # fmt: skip
+        return {"case": f"{baseline}-{time_ratio}", "baseline": baseline, "variants": variants}
+
+    goals = benchmark_report.evaluate_goals([case("plain-sdpa", 1.06), case("plain-sdpa", 1.04), case("official", 1.0)])
+    assert [(goal["case"], goal["goal"], goal["passed"]) for goal in goals] == [
+        ("plain-sdpa-1.06", "step time", False), ("plain-sdpa-1.06", "peak memory", None),
+        ("plain-sdpa-1.04", "step time", True), ("plain-sdpa-1.04", "peak memory", None),
+    ]  # the official-baseline case has no goal: its ratios are not to plain SDPA
+
+
 def test_parser_defaults_are_the_gpu_run():
     parser = benchmark.make_parser()
     args = parser.parse_args(["--device", "cpu", "--smoke"])
