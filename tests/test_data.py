@@ -14,17 +14,15 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import AutoImageProcessor, BitImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
-from tl_align_hf.support.data import (
-    check_columns,
+from tl_align_hf.support.data import check_columns, label_maps, load_image_dataset
+from tl_align_hf.support.digits import MARKER_NAME, default_digits_dir, write_digits_imagefolder
+from tl_align_hf.support.transforms import (
     default_image_processor,
-    label_maps,
-    load_image_dataset,
     make_transforms,
     processor_image_size,
     set_train_epoch,
     to_rgb,
 )
-from tl_align_hf.support.digits import MARKER_NAME, default_digits_dir, write_digits_imagefolder
 
 DIGITS_SIZE = 16  # smaller than the default 32 to keep the tests fast
 NUM_DIGITS, NUM_TRAIN, NUM_VALIDATION = 1797, 1437, 360
