@@ -244,21 +244,15 @@ def main(argv=None):
         check_writable(args.output_dir)  # before training: a failed save would lose the run
     accelerator.wait_for_everyone()
 
-    # Get the datasets: a dataset from the Hub, local imagefolders, or the built-in digits. Without a validation
-    # split, train_val_split of train becomes one, stratified by label and fixed by the seed (as in the Trainer example).
+    # Get the datasets: from the Hub, local imagefolders, or the built-in digits. Without a validation split, a share
+    # (train_val_split) of train becomes one, stratified by label and fixed by the seed, as in the Trainer example.
     if args.use_digits:
         with accelerator.main_process_first():
             digits = write_digits_imagefolder(default_digits_dir(BUILTIN_VIT["image_size"]), BUILTIN_VIT["image_size"])
         args.train_dir, args.validation_dir = str(digits / "train"), str(digits / "validation")
-    dataset = load_image_dataset(
-        dataset_name=args.dataset_name,
-        train_dir=args.train_dir,
-        validation_dir=args.validation_dir,
-        trust_remote_code=args.trust_remote_code,
-        train_val_split=args.train_val_split,
-        seed=args.seed,
-        label_column_name=args.label_column_name,
-    )
+    dataset = load_image_dataset(args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
+                                 trust_remote_code=args.trust_remote_code, train_val_split=args.train_val_split,
+                                 seed=args.seed, label_column_name=args.label_column_name)  # fmt: skip
     verify = ["validation", "train"] if args.verify_images else ["validation"]  # bad files named before training
     dataset = prepare_image_dataset(dataset, args.image_column_name, args.label_column_name, verify)
 
@@ -295,14 +289,10 @@ def main(argv=None):
     # Preprocessing the datasets: torchvision augmentation sized from the image processor for training (seeded per
     # example, so a resumed run crops as the uninterrupted run did), the image processor itself for evaluation.
     train_transforms, val_transforms = make_transforms(
-        image_processor,
-        args.image_column_name,
-        args.label_column_name,
-        horizontal_flip=args.horizontal_flip,
-        scale=(args.crop_scale_min, 1.0),
-        seed=args.seed,
+        image_processor, args.image_column_name, args.label_column_name, horizontal_flip=args.horizontal_flip,
+        scale=(args.crop_scale_min, 1.0), seed=args.seed,
         augmentation=deit_augmentation(image_processor) if args.augmentation == "deit" else None,
-    )
+    )  # fmt: skip
     with accelerator.main_process_first():
         if args.max_train_samples is not None:
             dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
