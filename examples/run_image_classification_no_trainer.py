@@ -34,7 +34,6 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from datasets import load_dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -70,6 +69,8 @@ from tl_align_hf.support import (
     deit_augmentation,
     disk_full_error,
     interpolation_kwargs,
+    label_maps,
+    load_image_dataset,
     make_transforms,
     model_card,
     prepare_image_dataset,
@@ -243,34 +244,20 @@ def main(argv=None):
         check_writable(args.output_dir)  # before training: a failed save would lose the run
     accelerator.wait_for_everyone()
 
-    # Get the datasets: a dataset from the Hub, local imagefolders, or the built-in digits.
+    # Get the datasets: from the Hub, local imagefolders, or the built-in digits. Without a validation split, a share
+    # (train_val_split) of train becomes one, stratified by label and fixed by the seed, as in the Trainer example.
     if args.use_digits:
         with accelerator.main_process_first():
             digits = write_digits_imagefolder(default_digits_dir(BUILTIN_VIT["image_size"]), BUILTIN_VIT["image_size"])
         args.train_dir, args.validation_dir = str(digits / "train"), str(digits / "validation")
-    if args.dataset_name is not None:
-        dataset = load_dataset(args.dataset_name, trust_remote_code=args.trust_remote_code)
-    else:
-        data_files = {}
-        if args.train_dir is not None:
-            data_files["train"] = os.path.join(args.train_dir, "**")
-        if args.validation_dir is not None:
-            data_files["validation"] = os.path.join(args.validation_dir, "**")
-        dataset = load_dataset("imagefolder", data_files=data_files)
-
-    # If we don't have a validation split, split off a percentage of train as validation.
-    args.train_val_split = None if "validation" in dataset else args.train_val_split
-    if isinstance(args.train_val_split, float) and args.train_val_split > 0.0:
-        split = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
-        dataset["train"] = split["train"]
-        dataset["validation"] = split["test"]
+    dataset = load_image_dataset(args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
+                                 trust_remote_code=args.trust_remote_code, train_val_split=args.train_val_split,
+                                 seed=args.seed, label_column_name=args.label_column_name)  # fmt: skip
     verify = ["validation", "train"] if args.verify_images else ["validation"]  # bad files named before training
     dataset = prepare_image_dataset(dataset, args.image_column_name, args.label_column_name, verify)
 
     # Prepare label mappings.
-    labels = dataset["train"].features[args.label_column_name].names
-    label2id = {label: str(i) for i, label in enumerate(labels)}
-    id2label = {str(i): label for i, label in enumerate(labels)}
+    label2id, id2label = label_maps(dataset, args.label_column_name)
 
     # Load the model and image processor (or build the small default ViT), then make it TL-Align's.
     if args.model_name_or_path is None:
@@ -280,7 +267,7 @@ def main(argv=None):
     else:
         config = AutoConfig.from_pretrained(
             args.model_name_or_path,
-            num_labels=len(labels),
+            num_labels=len(label2id),
             id2label=id2label,
             label2id=label2id,
             finetuning_task="image-classification",
@@ -302,14 +289,10 @@ def main(argv=None):
     # Preprocessing the datasets: torchvision augmentation sized from the image processor for training (seeded per
     # example, so a resumed run crops as the uninterrupted run did), the image processor itself for evaluation.
     train_transforms, val_transforms = make_transforms(
-        image_processor,
-        args.image_column_name,
-        args.label_column_name,
-        horizontal_flip=args.horizontal_flip,
-        scale=(args.crop_scale_min, 1.0),
-        seed=args.seed,
+        image_processor, args.image_column_name, args.label_column_name, horizontal_flip=args.horizontal_flip,
+        scale=(args.crop_scale_min, 1.0), seed=args.seed,
         augmentation=deit_augmentation(image_processor) if args.augmentation == "deit" else None,
-    )
+    )  # fmt: skip
     with accelerator.main_process_first():
         if args.max_train_samples is not None:
             dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))

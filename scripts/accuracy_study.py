@@ -77,7 +77,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from transformers.trainer_callback import PrinterCallback
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer
-from tl_align_hf.support.data import default_image_processor, make_transforms
+from tl_align_hf.support.transforms import default_image_processor, make_transforms
 
 
 # ---------------------------------------------------------------------------------------------------------- runs

@@ -28,8 +28,9 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from tl_align_hf import TLAlignCollator, TokenLabelAligner, to_tl_align
-from tl_align_hf.support.data import load_image_dataset, make_transforms, processor_image_size
+from tl_align_hf.support.data import load_image_dataset
 from tl_align_hf.support.digits import default_digits_dir, write_digits_imagefolder
+from tl_align_hf.support.transforms import make_transforms, processor_image_size
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "outputs" / "digits-tl-align"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,17 +16,17 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import AutoImageProcessor, BitImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
-from tl_align_hf.support.data import (
-    check_columns,
+from tl_align_hf.support.data import check_columns, label_maps, load_image_dataset
+from tl_align_hf.support.digits import MARKER_NAME, default_digits_dir, write_digits_imagefolder
+from tl_align_hf.support.transforms import (
     default_image_processor,
-    label_maps,
-    load_image_dataset,
     make_transforms,
     processor_image_size,
     set_train_epoch,
     to_rgb,
 )
-from tl_align_hf.support.digits import MARKER_NAME, default_digits_dir, write_digits_imagefolder
+
+from .test_no_trainer import load_example
 
 DIGITS_SIZE = 16  # smaller than the default 32 to keep the tests fast
 NUM_DIGITS, NUM_TRAIN, NUM_VALIDATION = 1797, 1437, 360
@@ -148,6 +150,51 @@ def test_load_image_dataset_splits_off_stratified_validation(digits_root, tmp_pa
     assert counts.min() >= 27 and counts.max() <= 30, counts  # stratified: ~20% of each class
     again = load_image_dataset(**kwargs)
     assert again["validation"]["label"] == dataset["validation"]["label"]
+
+
+def _small_imagefolder(digits_root: Path, folder: Path, per_class: int) -> Path:
+    """The first `per_class` training images of each digit, copied to `folder/<digit>/`."""
+    for class_folder in sorted((digits_root / "train").iterdir()):
+        (folder / class_folder.name).mkdir(parents=True)
+        for image in sorted(class_folder.glob("*.png"))[:per_class]:
+            shutil.copy(image, folder / class_folder.name / image.name)
+    return folder
+
+
+def test_both_examples_split_the_data_identically(digits_root, tiny_checkpoint, tmp_path, monkeypatch):
+    """Given only a training folder, the Trainer example and the no-Trainer example carve the same stratified
+    validation split from it (same seed, same train_val_split): the files each script's `main` attaches its training
+    and evaluation transforms to, in order, are the same, and so are the label maps of the models they save."""
+    train_dir = _small_imagefolder(digits_root, tmp_path / "train", per_class=12)
+    attached = {}  # transform class name -> the files of the split it was attached to, in row order
+    with_transform = Dataset.with_transform
+
+    def recording_with_transform(self, transform, *args, **kwargs):
+        values = self.with_format(None).cast_column("image", ImageFeature(decode=False))["image"]
+        attached[type(transform).__name__] = [Path(value["path"]).relative_to(train_dir) for value in values]
+        return with_transform(self, transform, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "with_transform", recording_with_transform)
+    common = ["--model_name_or_path", str(tiny_checkpoint), "--train_dir", str(train_dir), "--seed", "3",
+              "--train_val_split", "0.25", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32"]
+    trainer_out, no_trainer_out = tmp_path / "trainer", tmp_path / "no_trainer"
+    load_example("run_image_classification").main(
+        common + ["--output_dir", str(trainer_out), "--do_train", "--do_eval", "--max_steps", "1",
+                  "--save_strategy", "no", "--report_to", "none", "--use_cpu"]
+    )  # fmt: skip
+    trainer_split, attached = attached, {}
+    load_example("run_image_classification_no_trainer").main(
+        common + ["--output_dir", str(no_trainer_out), "--max_train_steps", "1", "--cpu"]
+    )
+
+    assert set(trainer_split) == set(attached) == {"TrainTransform", "EvalTransform"}
+    assert trainer_split == attached
+    train_files, validation_files = attached["TrainTransform"], attached["EvalTransform"]
+    assert len(train_files) == 90 and not set(train_files) & set(validation_files)
+    validation_per_class = collections.Counter(path.parent.name for path in validation_files)
+    assert validation_per_class == {str(digit): 3 for digit in range(10)}  # stratified: a quarter of each class
+    id2label = [json.loads((out / "config.json").read_text())["id2label"] for out in (trainer_out, no_trainer_out)]
+    assert id2label[0] == id2label[1] == {str(digit): str(digit) for digit in range(10)}
 
 
 def test_raises_error_when_no_data_given():

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import ViTForImageClassification, pipeline
 
 from tl_align_hf import TLAlignTrainer
-from tl_align_hf.support.data import default_image_processor
+from tl_align_hf.support.transforms import default_image_processor
 
 from .test_trainer import IMAGE, assert_every_parameter_changed, image_dataset, make_args
 from .tiny_models import tiny_model

@@ -20,7 +20,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from tl_align_hf.support.data import default_image_processor
+from tl_align_hf.support.transforms import default_image_processor
 
 from .hub_server import FAKE_TOKEN, FAKE_USER, HubServer, client_environment
 from .tiny_models import TINY_IMAGE_SIZE

@@ -35,7 +35,6 @@ from transformers import (
 )
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer
-from tl_align_hf.support.data import TrainTransform
 from tl_align_hf.support.ema import ModelEma
 from tl_align_hf.support.optim import (
     no_weight_decay_names,
@@ -45,6 +44,7 @@ from tl_align_hf.support.optim import (
 )
 from tl_align_hf.support.recipes import set_drop_path_rate
 from tl_align_hf.support.sampler import RepeatedAugmentationSampler
+from tl_align_hf.support.transforms import TrainTransform
 
 from .test_distributed import ROOT, torchrun
 from .test_no_trainer import EXAMPLES, load_example

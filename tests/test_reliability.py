@@ -288,7 +288,7 @@ def test_unreadable_images_are_listed_before_training_and_named_when_met(tmp_pat
     with pytest.raises(ValueError, match=r"2 image\(s\) of split 'validation' cannot be read:\n.*broken.png.*\n.*empty.png"):
         prepare_image_dataset(dataset, verify_splits=["validation"])
     prepared = prepare_image_dataset(dataset)  # not verified: the transform names the file when it meets it
-    from tl_align_hf.support.data import default_image_processor, make_transforms
+    from tl_align_hf.support.transforms import default_image_processor, make_transforms
 
     _, evaluation = make_transforms(default_image_processor(8))
     validation = prepared["validation"].with_transform(evaluation)

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, mixed_soft_targets
-from tl_align_hf.support.data import default_image_processor
+from tl_align_hf.support.transforms import default_image_processor
 
 from .reference import reference_cls_labels, reference_token_labels
 from .test_trainer import assert_every_parameter_changed, make_args, tiny_model_of

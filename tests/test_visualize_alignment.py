@@ -11,7 +11,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from tl_align_hf import TLAlignCollator
-from tl_align_hf.support.data import default_image_processor
+from tl_align_hf.support.transforms import default_image_processor
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -8,7 +8,7 @@ import torch
 from transformers import DeiTConfig, ViTConfig
 
 from tl_align_hf.modeling import ALIGNED_CLASSES
-from tl_align_hf.support.data import default_image_processor
+from tl_align_hf.support.transforms import default_image_processor
 
 IMAGE_SIZE, PATCH_SIZE, NUM_LABELS = 24, 4, 10
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2

@@ -25,12 +25,12 @@ from .support.checkpoints import (
     check_writable,
     recorded_training,
 )
-from .support.data import interpolation_kwargs, set_train_epoch
 from .support.ema import ModelEma
 from .support.metrics import compute_accuracy_metrics
 from .support.model_card import tl_align_model_card
 from .support.optim import no_weight_decay_names, optimizer_param_groups, scaled_learning_rate, timm_cosine_schedule
 from .support.sampler import RepeatedAugmentationSampler
+from .support.transforms import interpolation_kwargs, set_train_epoch
 
 logger = logging.get_logger(__name__)
 

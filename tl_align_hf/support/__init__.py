@@ -2,30 +2,29 @@
 
 The method (aligner, attention routing, aligned models, mixing, collator, loss, config, trainer) is the top-level
 package. What lives here serves the examples and the trainer around it: loading and checking image datasets
-(:mod:`.data`), the bundled digits set (:mod:`.digits`), safe checkpoints and the resume record
-(:mod:`.checkpoints`), the model card and Hub push (:mod:`.model_card`), the accuracy metric (:mod:`.metrics`), and
-the parts of the paper's training recipe that are not TL-Align (:mod:`.optim`, :mod:`.sampler`, :mod:`.ema`,
-:mod:`.recipes`). The names below are the documented helpers the examples use.
+(:mod:`.data`), the training and evaluation transforms sized from the image processor (:mod:`.transforms`), the
+bundled digits set (:mod:`.digits`), safe checkpoints and the resume record (:mod:`.checkpoints`), the model card
+and Hub push (:mod:`.model_card`), the accuracy metric (:mod:`.metrics`), and the parts of the paper's training
+recipe that are not TL-Align (:mod:`.optim`, :mod:`.sampler`, :mod:`.ema`, :mod:`.recipes`). The names below
+are the documented helpers the examples use.
 """
 
 from .checkpoints import LoopRecord, check_one_run_per_launch, check_writable, disk_full_error, training_settings
-from .data import (
-    AUGMENTATIONS,
-    DEIT_RECIPE,
-    default_image_processor,
-    deit_augmentation,
-    interpolation_kwargs,
-    label_maps,
-    load_image_dataset,
-    make_transforms,
-    prepare_image_dataset,
-    processor_resolution_differs,
-)
+from .data import label_maps, load_image_dataset, prepare_image_dataset
 from .digits import default_digits_dir, write_digits_imagefolder
 from .metrics import ACCURACY_METRIC_PATH, compute_accuracy_metrics
 from .model_card import model_card, push_checkpoint_to_hub, tl_align_model_card
 from .recipes import set_drop_path_rate
 from .sampler import RepeatedAugmentationSampler
+from .transforms import (
+    AUGMENTATIONS,
+    DEIT_RECIPE,
+    default_image_processor,
+    deit_augmentation,
+    interpolation_kwargs,
+    make_transforms,
+    processor_resolution_differs,
+)
 
 __all__ = [
     "ACCURACY_METRIC_PATH",

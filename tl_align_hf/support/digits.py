@@ -13,7 +13,7 @@ File names are the index of the image in `load_digits`, so a file can be traced 
 
 Choices:
 - Pixel values 0..16 are scaled to 0..255 (`round(v * 255 / 16)`) and stored as single-channel 'L' PNGs, bright
-  = ink as in the source data. The transforms in `tl_align_hf.support.data` convert them to RGB.
+  = ink as in the source data. The transforms in `tl_align_hf.support.transforms` convert them to RGB.
 - Images are upsampled from 8x8 to `image_size` with PIL bicubic: strokes come out smooth, like a low-resolution
   photo, instead of nearest-neighbour blocks whose edges would line up exactly with the ViT patch grid and give
   the model an artificial cue. (PIL clips the bicubic overshoot to 0..255 for 'L' images.)
