@@ -63,7 +63,7 @@ def _results(metrics: dict[str, Any] | None, datasets: list[str], hub_datasets: 
     results, accuracies = {}, {}
     for name, value in (metrics or {}).items():
         key = name.lower().replace(" ", "_")
-        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+        with contextlib.suppress(TypeError, ValueError, OverflowError, RuntimeError):
             if not isinstance(value, (bool, str, bytes)) and not _NOT_RESULTS.fullmatch(key) and math.isfinite(value):
                 results[name] = float(value)
                 if match := _ACCURACY.fullmatch(key):
@@ -115,7 +115,7 @@ def model_card(
     from .. import __version__  # not at the top: the package imports this module before it sets its version
     recorded = tl_align is not None
     if recorded:
-        _check_settings(mixing, label_smoothing)
+        _check_settings(mixing or {}, label_smoothing)
     parent_class = model_class_name.removeprefix("TLAlign")
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"{parent_class}-tl-align")
     datasets = _as_list(dataset)
