@@ -6,7 +6,10 @@ A tiny ViT is trained for 2 steps (evaluated at each) by a `TLAlignTrainer` and 
 
 from __future__ import annotations
 
+import configparser
+import dataclasses
 import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,8 +17,8 @@ import pytest
 from huggingface_hub import ModelCard, constants
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
-from tl_align_hf import TLAlignConfig, TLAlignTrainer, push_checkpoint_to_hub
-from tl_align_hf.support.model_card import model_card, tl_align_model_card
+from tl_align_hf import MixingSettings, TLAlignConfig, TLAlignTrainer, push_checkpoint_to_hub
+from tl_align_hf.support.model_card import TEMPLATE_PATH, model_card, tl_align_model_card
 
 from .test_no_trainer import load_example
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, tiny_model
@@ -156,6 +159,22 @@ def test_card_without_trainer_keeps_hub_ids_only_in_metadata(tmp_path):
     assert f"fine-tuned from `{tmp_path}`" in card.text and "as a `ViTForImageClassification`" in card.text
     assert "- training_steps: 7\n" in section(card, "### Training hyperparameters")
     assert "eval_runtime" not in card.text and "epoch" not in section(card, "## Evaluation results")
+
+
+def test_card_lists_the_fields_of_mixing_settings_in_order(tl_align_trainer):
+    card = tl_align_model_card(tl_align_trainer)
+
+    rows = re.findall(r"^\| (\S+) \| `", section(card, "### TL-Align and mixing settings"), flags=re.M)
+    assert rows == [item.name for item in dataclasses.fields(MixingSettings)]
+
+
+def test_card_template_is_package_data_of_the_wheel():
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parents[1] / "setup.cfg")
+
+    patterns = setup["options.package_data"]["tl_align_hf"].split()  # globs relative to the package folder
+    package_folder = TEMPLATE_PATH.parents[1]
+    assert TEMPLATE_PATH.is_file() and any(TEMPLATE_PATH in package_folder.glob(pattern) for pattern in patterns)
 
 
 @pytest.mark.parametrize(
