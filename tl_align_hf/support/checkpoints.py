@@ -86,9 +86,9 @@ def check_one_run_per_launch(num_processes: int, cpu_option: str = "--use_cpu (u
 @contextlib.contextmanager
 def atomic_checkpoint_save(trainer, run_dir: str):
     """Around `Trainer._save_checkpoint`, on every process: while it runs, `trainer._get_output_dir` must return the
-    staging folder this yields (`TLAlignTrainer` does); when every process has written its part, `checkpoint-N` is
-    renamed from there into `run_dir`, the best checkpoint's path is corrected on every process, and old
-    checkpoints are rotated as transformers would have.
+    staging folder this yields (`TLAlignTrainer` does, in `tl_align_hf.trainer_private`); when every process has
+    written its part, `checkpoint-N` is renamed from there into `run_dir`, the best checkpoint's path is corrected
+    on every process, and old checkpoints are rotated as transformers would have.
 
     Every process writes into the checkpoint (its RNG state; the weights, optimizer and trainer state come from the
     main process), so all of them wait for the others before the first write (a leftover of a killed run is removed
