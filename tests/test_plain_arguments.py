@@ -70,6 +70,26 @@ def test_collator_from_model_takes_the_default_mixing_of_plain_training_argument
     assert batch["labels"].tolist() == [0, 1, 2, 3]
 
 
+def test_datasets_with_a_transform_keep_their_columns_in_training_evaluation_and_prediction(tmp_path):
+    """remove_unused_columns=True (TrainingArguments' default) would remove the raw columns that a `with_transform`
+    transform reads; TLAlignTrainer's dataloader hooks keep them for such a dataset, and remove them elsewhere."""
+    from .test_trainer import _image_folder_dataset, image_dataset
+
+    args = plain_args(tmp_path, max_steps=1, per_device_train_batch_size=4, per_device_eval_batch_size=4)
+    arrays = image_dataset(4).add_column("note", ["unused"] * 4)
+    trainer = TLAlignTrainer(
+        model=tiny_model(ViTForImageClassification, "sdpa").train(), args=args,
+        train_dataset=_image_folder_dataset(8), eval_dataset={"folder": _image_folder_dataset(4), "arrays": arrays},
+    )  # fmt: skip
+    assert "image" in trainer.get_train_dataloader().dataset.column_names
+    assert "image" in trainer.get_eval_dataloader("folder").dataset.column_names
+    assert "note" not in trainer.get_eval_dataloader("arrays").dataset.column_names
+    assert trainer.args.remove_unused_columns is True  # as the user set it, once the loaders are built
+    trainer.train()
+    assert {"eval_folder_accuracy", "eval_arrays_accuracy"} <= set(trainer.evaluate())
+    assert trainer.predict(_image_folder_dataset(4)).predictions.shape == (4, 10)
+
+
 @pytest.mark.parametrize(
     "log_level, transformers_verbosity, shown",
     [("info", logging.WARNING, True), ("warning", logging.INFO, False), ("passive", logging.INFO, True),

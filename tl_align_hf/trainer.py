@@ -9,7 +9,7 @@ import os
 
 import torch
 from datasets import ClassLabel
-from transformers import DefaultDataCollator, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import DefaultDataCollator, Trainer, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
 from transformers.utils import logging
 
@@ -17,73 +17,16 @@ from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
 from .losses import alignment_metrics, mixed_batch_loss
 from .mixer import MIXING_KEYS
-from .modeling import TLAlignMixin, as_parent_class, to_tl_align
-from .support.checkpoints import (
-    TrainingRecord,
-    atomic_checkpoint_save,
-    check_one_run_per_launch,
-    check_writable,
-    recorded_training,
-)
-from .support.ema import ModelEma
+from .modeling import as_parent_class, to_tl_align
+from .support.checkpoints import TrainingRecord, check_one_run_per_launch, check_writable, recorded_training
 from .support.metrics import compute_accuracy_metrics
 from .support.model_card import tl_align_model_card
-from .support.optim import no_weight_decay_names, optimizer_param_groups, scaled_learning_rate, timm_cosine_schedule
-from .support.sampler import RepeatedAugmentationSampler
-from .support.transforms import interpolation_kwargs, set_train_epoch
+from .support.optim import recipe_optimizer, recipe_scheduler
+from .support.transforms import interpolation_kwargs
+from .trainer_callbacks import EmaCallback, EpochCallback
+from .trainer_private import PrivateTrainerMethods
 
 logger = logging.get_logger(__name__)
-
-
-class _EpochCallback(TrainerCallback):
-    """Tells the collator and a `TrainTransform` attached with `with_transform` the epoch, before its loader starts.
-
-    Both derive their randomness from the epoch (and the data), so each epoch draws anew and a resumed run draws
-    what the uninterrupted run drew. The epochs are counted here, from the one a run starts (or resumes) in:
-    `state.epoch` cannot say it for iterable datasets, whose fraction of an epoch is counted in `max_steps`.
-    """
-
-    def __init__(self, trainer: TLAlignTrainer):
-        self.trainer = trainer
-        self.epoch = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.epoch = int((state.epoch or 0.0) + 1e-6)
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.trainer.train_dataset is not None:
-            set_train_epoch(self.trainer.train_dataset, self.epoch)
-        if isinstance(self.trainer.data_collator, TLAlignCollator):
-            self.trainer.data_collator.set_epoch(self.epoch)
-        if self.trainer._repeated_augmentation_sampler is not None:  # also behind accelerate's skip_first_batches
-            self.trainer._repeated_augmentation_sampler.set_epoch(self.epoch)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.epoch += 1
-
-
-class _EmaCallback(TrainerCallback):
-    """Keeps the trainer's [`ModelEma`] (`args.ema_decay`): made when training starts (restored from the
-    checkpoint's `ema/` when resuming), updated after every optimizer step."""
-
-    def __init__(self, trainer: TLAlignTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        trainer._model_ema = ModelEma(trainer.model, args.ema_decay)
-        if trainer._resumed_from is not None:
-            ema_dir = os.path.join(trainer._resumed_from, "ema")
-            if not os.path.isdir(ema_dir):
-                raise ValueError(
-                    f"ema_decay is set but {trainer._resumed_from} has no ema/ folder (it was saved without EMA), so "
-                    "the average cannot continue. Resume without --ema_decay, or from a checkpoint saved with it."
-                )
-            with trainer._model_ema.swapped_into(trainer.model):
-                trainer._load_converted_weights(ema_dir, trainer.model)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._model_ema.update(self.trainer.model)
 
 
 def _conversion_notice(args: TrainingArguments, config: TLAlignConfig) -> str:
@@ -130,7 +73,7 @@ def _check_class_label_feature(split_name: str, dataset, label_column_name: str 
             )
 
 
-class TLAlignTrainer(Trainer):
+class TLAlignTrainer(PrivateTrainerMethods, Trainer):
     """Trainer for aligned image classifiers; a drop-in for `Trainer` in image-classification scripts.
 
     Training batches are mixed (by a [`TLAlignCollator`] built from `args` when no collator is given) and the loss
@@ -204,13 +147,11 @@ class TLAlignTrainer(Trainer):
         self._alignment_sums = None  # summed `mixed_batch_loss` statistics since the last log, on the device
         self._non_finite_loss = None  # a device flag: some training loss since the last log was NaN or infinite
         self._last_logged_step = 0
-        self._staging_dir = None  # set while a checkpoint is written (see `_save_checkpoint`)
         self.add_callback(TrainingRecord())  # filled when training begins
-        self._repeated_augmentation_sampler = None  # set by `_get_train_sampler` with repeated_augmentation > 1
         self._model_ema, self._resumed_from = None, None  # the EMA of the weights (ema_decay), made in training
-        self.add_callback(_EpochCallback(self))
+        self.add_callback(EpochCallback(self))
         if args.ema_decay is not None:
-            self.add_callback(_EmaCallback(self))
+            self.add_callback(EmaCallback(self))
 
     @staticmethod
     def _check_recipe_support(args: TLAlignConfig, train_dataset) -> None:
@@ -246,69 +187,26 @@ class TLAlignTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- recipe
-    def _recipe_learning_rate(self) -> float:
-        """`learning_rate`, scaled by the global batch over `lr_base_size` when that is set."""
-        args = self.args
-        global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-        return scaled_learning_rate(args.learning_rate, global_batch, args.lr_base_size)
-
     def create_optimizer(self, model=None):
-        """Trainer's optimizer; with `filter_bias_and_bn`, `layer_decay` or `lr_base_size`, on the parameter groups
-        of [`optimizer_param_groups`] (timm's no-decay rule, layer-wise rates, the batch-scaled rate)."""
-        args = self.args
-        if self.optimizer is not None or not (args.filter_bias_and_bn or args.layer_decay is not None or args.lr_base_size):
+        """Trainer's optimizer; with `filter_bias_and_bn`, `layer_decay` or `lr_base_size`, the recipe's parameter
+        groups ([`recipe_optimizer`]: timm's no-decay rule, layer-wise rates, the batch-scaled rate)."""
+        recipe = recipe_optimizer(self, self.model if model is None else model) if self.optimizer is None else None
+        if recipe is None:
             return super().create_optimizer(model)
-        opt_model = self.model if model is None else model
-        trainable = {name for name, parameter in opt_model.named_parameters() if parameter.requires_grad}
-        if args.filter_bias_and_bn:
-            no_decay = no_weight_decay_names(opt_model)
-        else:
-            no_decay = trainable - set(self.get_decay_parameter_names(opt_model))
-        learning_rate = self._recipe_learning_rate()
-        groups = optimizer_param_groups(opt_model, learning_rate, args.weight_decay, no_decay, args.layer_decay)
-        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(args, opt_model)
-        if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            raise ValueError(
-                f"filter_bias_and_bn, layer_decay and lr_base_size build parameter groups for a torch optimizer class; "
-                f"optim={args.optim!r} builds its own. Use e.g. optim='adamw_torch', or leave them unset."
-            )
-        self.optimizer = optimizer_cls(groups, **{**optimizer_kwargs, "lr": learning_rate})
-        return self.optimizer
+        self.optimizer = recipe
+        return recipe
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Trainer's scheduler; with `warmup_epochs`, `warmup_lr`, `min_lr` or `cooldown_epochs`, timm's cosine
-        schedule per step ([`timm_cosine_schedule`]), the epochs counted in steps of this run."""
-        args = self.args
-        timm_schedule = any(getattr(args, name) is not None for name in ("warmup_epochs", "warmup_lr", "min_lr"))
-        if self.lr_scheduler is not None or not (timm_schedule or args.cooldown_epochs):
+        schedule per step ([`recipe_scheduler`])."""
+        recipe = None
+        if self.lr_scheduler is None:
+            recipe = recipe_scheduler(self.args, optimizer if optimizer is not None else self.optimizer, num_training_steps)
+        if recipe is None:
             return super().create_scheduler(num_training_steps, optimizer)
-        steps_per_epoch = num_training_steps / args.num_train_epochs
-        if args.warmup_epochs is not None:
-            warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-        else:
-            warmup_steps = args.get_warmup_steps(num_training_steps)
-        self.lr_scheduler = timm_cosine_schedule(
-            optimizer if optimizer is not None else self.optimizer,
-            base_lr=self._recipe_learning_rate(),
-            num_training_steps=num_training_steps,
-            num_warmup_steps=warmup_steps,
-            warmup_lr=args.warmup_lr or 0.0,
-            min_lr=args.min_lr or 0.0,
-            num_cooldown_steps=round(args.cooldown_epochs * steps_per_epoch),
-        )
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
-
-    def _get_train_sampler(self, train_dataset=None):
-        """Trainer's sampler, or with `repeated_augmentation` > 1 a [`RepeatedAugmentationSampler`] (Trainer has no
-        public hook for a sampler of one's own)."""
-        if self.args.repeated_augmentation == 1:
-            return super()._get_train_sampler(train_dataset)
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        self._repeated_augmentation_sampler = RepeatedAugmentationSampler(
-            len(dataset), self.args.repeated_augmentation, self._train_batch_size, self.args.world_size, self.args.seed
-        )
-        return self._repeated_augmentation_sampler
+        # Trainer's private flag, set as for its own scheduler: the next `train()` makes a new one (see trainer_private)
+        self.lr_scheduler, self._created_lr_scheduler = recipe, True
+        return recipe
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Trainer's evaluation; with a model EMA (`ema_decay`, after training started) also of the averaged
@@ -322,41 +220,49 @@ class TLAlignTrainer(Trainer):
         return metrics
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Trainer's save; with a model EMA, the averaged weights also as a model of their own in `ema/`."""
-        super().save_model(output_dir, _internal_call)
-        if self._model_ema is not None:
-            with self._model_ema.swapped_into(self.model):
-                super().save_model(os.path.join(output_dir or self.args.output_dir, "ema"), _internal_call=True)
+        """Trainer's save (also of each checkpoint). A peft model's base model is its parent class meanwhile, so
+        that adapter_config.json (`auto_mapping`) names the transformers class, as for an unaligned model (an
+        aligned model saves as its parent class by itself). With a model EMA, the averaged weights also as a model
+        of their own in `ema/`."""
+        base_model = unwrap_peft_model(self.model)
+        with as_parent_class(base_model) if base_model is not self.model else contextlib.nullcontext():
+            super().save_model(output_dir, _internal_call)
+            if self._model_ema is not None:
+                with self._model_ema.swapped_into(self.model):
+                    super().save_model(os.path.join(output_dir or self.args.output_dir, "ema"), _internal_call=True)
 
     # ----------------------------------------------------------------------------------------------- data
     @contextlib.contextmanager
-    def _unmixed_collation(self):
-        """Evaluation and prediction batches are never mixed."""
-        mixing_collator = self.data_collator
-        if isinstance(mixing_collator, TLAlignCollator):
-            self.data_collator = mixing_collator.collate_unmixed
-        try:
-            yield
-        finally:
-            self.data_collator = mixing_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        with self._unmixed_collation():
-            return super().get_eval_dataloader(eval_dataset)
-
-    def get_test_dataloader(self, test_dataset):
-        with self._unmixed_collation():
-            return super().get_test_dataloader(test_dataset)
-
-    def _remove_unused_columns(self, dataset, description=None):
-        """Keep the columns of a dataset with a `with_transform`/`set_transform` transform: it reads them."""
-        if (getattr(dataset, "format", None) or {}).get("type") == "custom":
+    def _loader_settings(self, dataset, mixed: bool):
+        """While Trainer builds the loader of `dataset`: evaluation and prediction batches unmixed; a dataset with a
+        `with_transform`/`set_transform` transform keeps the columns the transform reads (`remove_unused_columns`
+        is off meanwhile; Trainer would remove them, and the transform would fail)."""
+        collator, remove_columns = self.data_collator, self.args.remove_unused_columns
+        if not mixed and isinstance(collator, TLAlignCollator):
+            self.data_collator = collator.collate_unmixed
+        if remove_columns and (getattr(dataset, "format", None) or {}).get("type") == "custom":
             logger.info_once(
                 "remove_unused_columns=True is ignored for datasets with a transform (with_transform/set_transform): "
                 "the transform needs the raw columns. Set remove_unused_columns=False to silence this."
             )
-            return dataset
-        return super()._remove_unused_columns(dataset, description)
+            self.args.remove_unused_columns = False
+        try:
+            yield
+        finally:
+            self.data_collator, self.args.remove_unused_columns = collator, remove_columns
+
+    def get_train_dataloader(self):
+        with self._loader_settings(self.train_dataset, mixed=True):
+            return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        named = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        with self._loader_settings(self.eval_dataset if named is None else named, mixed=False):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._loader_settings(test_dataset, mixed=False):
+            return super().get_test_dataloader(test_dataset)
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -423,51 +329,6 @@ class TLAlignTrainer(Trainer):
                 )
             self._non_finite_loss, self._last_logged_step = None, self.state.global_step
         super().log(logs, start_time)
-
-    # ----------------------------------------------------------------------------------------------- checkpoints
-    def _get_output_dir(self, trial) -> str:
-        return self._staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, written into a staging folder and renamed into place when complete (see
-        `tl_align_hf.support.checkpoints.atomic_checkpoint_save`): a kill or a full disk never leaves a partial checkpoint-N."""
-        with atomic_checkpoint_save(self, super()._get_output_dir(trial)) as staging_dir:
-            self._staging_dir = staging_dir
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging_dir = None
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Trainer's save, with the aligned model as its parent class meanwhile: a peft model's adapter_config.json
-        then records the transformers class as its base model class (`auto_mapping`), as for an unaligned model."""
-        with as_parent_class(unwrap_peft_model(self.model)):
-            super()._save(output_dir, state_dict)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Load weights the way `from_pretrained` does, with its key conversion (transformers issue 43701); peft
-        adapters as Trainer loads them (`load_adapter`)."""
-        model = model if model is not None else self.model
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self._is_peft(model):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_converted_weights(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self._is_peft(self.model):
-            return super()._load_best_model()
-        self._load_converted_weights(self.state.best_model_checkpoint, self.model)
-
-    def _is_peft(self, model) -> bool:
-        """Whether `model` (possibly wrapped by accelerate) is a peft model, whose checkpoints hold only adapters."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        return unwrap_peft_model(unwrapped) is not unwrapped
-
-    def _load_converted_weights(self, checkpoint: str, model) -> None:
-        """Copy the weights of a saved checkpoint into `model`; every key must match."""
-        target = self.accelerator.unwrap_model(model)
-        parent_class = target.tl_align_parent if isinstance(target, TLAlignMixin) else type(target)
-        loaded = parent_class.from_pretrained(checkpoint, dtype=next(target.parameters()).dtype)
-        target.load_state_dict(loaded.state_dict(), strict=True)
 
     # ----------------------------------------------------------------------------------------------- model card
     def create_model_card(self, **kwargs) -> None:

@@ -10,6 +10,8 @@
   settings is refused before it trains, a resume with nothing left to do says so, and the model card describes what
   the weights were trained with, also when it is made later without training (:func:`recorded_training`). It keeps
   no reference to the trainer, so transformers' `restore_callback_states_from_checkpoint` can rebuild it.
+- :func:`load_saved_weights`: a checkpoint's weights loaded into the model being trained with the key conversion of
+  `from_pretrained`, which transformers' Trainer skips when it resumes or loads the best model.
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ def check_one_run_per_launch(num_processes: int, cpu_option: str = "--use_cpu (u
 @contextlib.contextmanager
 def atomic_checkpoint_save(trainer, run_dir: str):
     """Around `Trainer._save_checkpoint`, on every process: while it runs, `trainer._get_output_dir` must return the
-    staging folder this yields (`TLAlignTrainer` does); when every process has written its part, `checkpoint-N` is
-    renamed from there into `run_dir`, the best checkpoint's path is corrected on every process, and old
-    checkpoints are rotated as transformers would have.
+    staging folder this yields (`TLAlignTrainer` does, in `tl_align_hf.trainer_private`); when every process has
+    written its part, `checkpoint-N` is renamed from there into `run_dir`, the best checkpoint's path is corrected
+    on every process, and old checkpoints are rotated as transformers would have.
 
     Every process writes into the checkpoint (its RNG state; the weights, optimizer and trainer state come from the
     main process), so all of them wait for the others before the first write (a leftover of a killed run is removed
@@ -120,6 +122,18 @@ def atomic_checkpoint_save(trainer, run_dir: str):
             os.rmdir(staging_root)  # when no other save is under way
         rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True)
     trainer.accelerator.wait_for_everyone()  # `checkpoint-N` is in place before any process goes on
+
+
+def load_saved_weights(folder: str, model) -> None:
+    """Copy the weights saved in `folder` (by `save_pretrained`, e.g. a Trainer checkpoint or its `ema/`) into
+    `model`, every key matching, the way `from_pretrained` reads them: with its conversion of the saved keys
+    (transformers 5.25 saves e.g. ViT's `vit.layers.N.attention.q_proj` as `vit.encoder.layer.N.attention.attention.
+    query`). `Trainer._load_from_checkpoint` and `_load_best_model` load the file as it is, with `strict=False`, so
+    such a checkpoint would load nothing, silently (transformers issue 43701). An aligned model (with
+    `tl_align_parent`) is read as its parent class; `model` must not be wrapped (`accelerator.unwrap_model`)."""
+    parent_class = getattr(model, "tl_align_parent", type(model))
+    loaded = parent_class.from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
 
 
 def training_settings(mixing, tl_align: bool, label_smoothing: float) -> dict[str, Any]:

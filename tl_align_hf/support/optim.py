@@ -1,4 +1,5 @@
-"""The optimizer side of the DeiT / timm training recipe, for `TLAlignTrainer.create_optimizer`/`create_scheduler`.
+"""The optimizer side of the DeiT / timm training recipe, for `TLAlignTrainer.create_optimizer`/`create_scheduler`
+(:func:`recipe_optimizer`, :func:`recipe_scheduler`).
 
 - parameter groups without weight decay on 1-d parameters (biases, norms, layer scales), position embeddings and
   prefix tokens, as timm's optimizer factory (`param_groups_weight_decay`, the model's `no_weight_decay()`);
@@ -149,3 +150,58 @@ def timm_cosine_schedule(
         min_lr=min_lr,
     )  # fmt: skip
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def recipe_learning_rate(args) -> float:
+    """`args.learning_rate`, scaled by the global batch (per-device batch x accumulation x processes) over
+    `args.lr_base_size` when that is set (a `TLAlignConfig`)."""
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return scaled_learning_rate(args.learning_rate, global_batch, args.lr_base_size)
+
+
+def recipe_optimizer(trainer, model: torch.nn.Module) -> torch.optim.Optimizer | None:
+    """The optimizer of `TLAlignTrainer.create_optimizer` with `filter_bias_and_bn`, `layer_decay` or `lr_base_size`:
+    the class and arguments of the trainer's `optim` on the groups of :func:`optimizer_param_groups` (timm's
+    no-decay rule or Trainer's, layer-wise rates, the batch-scaled rate). `None` when none is set (Trainer's own)."""
+    args = trainer.args
+    if not (args.filter_bias_and_bn or args.layer_decay is not None or args.lr_base_size):
+        return None
+    if args.filter_bias_and_bn:
+        no_decay = no_weight_decay_names(model)
+    else:
+        trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        no_decay = trainable - set(trainer.get_decay_parameter_names(model))
+    learning_rate = recipe_learning_rate(args)
+    groups = optimizer_param_groups(model, learning_rate, args.weight_decay, no_decay, args.layer_decay)
+    optimizer_cls, optimizer_kwargs = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, model)
+    if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+        raise ValueError(
+            f"filter_bias_and_bn, layer_decay and lr_base_size build parameter groups for a torch optimizer class; "
+            f"optim={args.optim!r} builds its own. Use e.g. optim='adamw_torch', or leave them unset."
+        )
+    return optimizer_cls(groups, **{**optimizer_kwargs, "lr": learning_rate})
+
+
+def recipe_scheduler(
+    args, optimizer: torch.optim.Optimizer, num_training_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The scheduler of `TLAlignTrainer.create_scheduler` with `warmup_epochs`, `warmup_lr`, `min_lr` or
+    `cooldown_epochs`: :func:`timm_cosine_schedule` per step, the epochs counted in steps of this run (warm-up from
+    `warmup_steps` / `warmup_ratio` without `warmup_epochs`). `None` when none is set (Trainer's own)."""
+    timm_schedule = any(getattr(args, name) is not None for name in ("warmup_epochs", "warmup_lr", "min_lr"))
+    if not (timm_schedule or args.cooldown_epochs):
+        return None
+    steps_per_epoch = num_training_steps / args.num_train_epochs
+    if args.warmup_epochs is not None:
+        warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    else:
+        warmup_steps = args.get_warmup_steps(num_training_steps)
+    return timm_cosine_schedule(
+        optimizer,
+        base_lr=recipe_learning_rate(args),
+        num_training_steps=num_training_steps,
+        num_warmup_steps=warmup_steps,
+        warmup_lr=args.warmup_lr or 0.0,
+        min_lr=args.min_lr or 0.0,
+        num_cooldown_steps=round(args.cooldown_epochs * steps_per_epoch),
+    )
