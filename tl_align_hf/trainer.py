@@ -17,7 +17,7 @@ from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
 from .losses import alignment_metrics, mixed_batch_loss
 from .mixer import MIXING_KEYS
-from .modeling import TLAlignMixin, as_parent_class, to_tl_align
+from .models import TLAlignMixin, as_parent_class, to_tl_align
 from .support.checkpoints import (
     TrainingRecord,
     atomic_checkpoint_save,
