@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraConfig
-from transformers import AutoModelForImageClassification, ViTForImageClassification
+from transformers import AutoModelForImageClassification, SwinForImageClassification, ViTForImageClassification
 
 from tl_align_hf import from_tl_align, mixed_soft_targets, to_tl_align
 from tl_align_hf.attention import RoutedConfig
@@ -150,6 +150,20 @@ def test_from_tl_align_goes_through_a_peft_model():
     with torch.no_grad():
         assert torch.equal(merged(pixel_values).logits, fresh(pixel_values).logits)
     assert_is_the_parent(merged, fresh)
+
+
+def test_a_deep_copy_converts_back_on_its_own():
+    """The hook handles travel with copies (an EMA copy, a pickled model): converting a copy back removes the copy's
+    hooks and leaves the original aligned, hooks and all."""
+    aligned = to_tl_align(tiny_model_of(SwinForImageClassification))
+
+    def hook_count(model):
+        return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
+
+    hooks = hook_count(aligned)
+    copied = from_tl_align(copy.deepcopy(aligned))
+    assert type(copied) is SwinForImageClassification and hook_count(copied) == 0
+    assert type(aligned) is ALIGNED_CLASSES[SwinForImageClassification] and hook_count(aligned) == hooks > 0
 
 
 def test_from_tl_align_returns_a_model_that_is_not_aligned_as_it_is(tmp_path):
