@@ -6,7 +6,7 @@ For each family (vit, deit, swin, dinov2, beit by default) the family's test mod
 in its own subprocess:
 
 * ``baseline``: unchanged;
-* ``tl``: every image-classification class of ``tl_align_hf.modeling.ALIGNED_CLASSES`` that the test module uses
+* ``tl``: every image-classification class of ``tl_align_hf.models.aligned_classes()`` that the test module uses
   (``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, ...) is replaced by its TL-Align
   subclass, in the test module's globals (what the model tester instantiates) and in its test classes' attributes
   (``all_model_classes``, ``pipeline_model_mapping``, ...). No test file is edited: the pytest plugin

@@ -6,7 +6,7 @@ Loaded by the driver's pytest subprocesses with ``-p tl_align_pytest_plugin`` (t
     python -m pytest -p tl_align_pytest_plugin --tl-swap=tl --tl-results=out.json tests/models/vit/test_modeling_vit.py
 
 * ``--tl-swap=none`` (the baseline) changes nothing; ``tl`` replaces every image-classification class of
-  ``tl_align_hf.modeling.ALIGNED_CLASSES`` that a test module uses by its TL-Align subclass, in the module's globals
+  ``tl_align_hf.models.aligned_classes()`` that a test module uses by its TL-Align subclass, in the module's globals
   (what the model tester instantiates) and in its test classes' attributes (``all_model_classes``,
   ``pipeline_model_mapping``, ...); ``named`` swaps in a subclass of the TL class that carries the parent's
   ``__name__`` (tells failures from name look-ups from behavioural ones).
@@ -51,7 +51,7 @@ def pytest_configure(config):
 
 def _count_tl_builds():
     """Count, per test, the TL models built: each TL ``__init__`` (and ``to_tl_align``) installs the hooks once."""
-    from tl_align_hf.modeling import TLAlignMixin
+    from tl_align_hf.models import TLAlignMixin
 
     name = "tl_align_install_hooks" if hasattr(TLAlignMixin, "tl_align_install_hooks") else "__init__"
     original = getattr(TLAlignMixin, name)
@@ -66,16 +66,16 @@ def _count_tl_builds():
 
 
 def _replacements(mode: str) -> dict:
-    from tl_align_hf.modeling import ALIGNED_CLASSES
+    from tl_align_hf.models import aligned_classes
 
     if mode == "tl":
-        return dict(ALIGNED_CLASSES)
+        return aligned_classes()
     # "named": a subclass of the TL class under the parent's name, to tell name look-ups from behaviour.
     return {
         parent: type(
             parent.__name__, (aligned,), {"__module__": aligned.__module__, "__qualname__": parent.__qualname__}
         )
-        for parent, aligned in ALIGNED_CLASSES.items()
+        for parent, aligned in aligned_classes().items()
     }
 
 

@@ -38,11 +38,13 @@ from transformers import (
 
 import tl_align_hf
 from tl_align_hf import TLAlignCollator, TLAlignTrainer, mixed_soft_targets, to_tl_align
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .reference import reference_swin_labels, reference_token_labels
 from .test_trainer import image_dataset, make_args
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, aligned_copy, mixed_batch, sharpen_attention
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")
 VIT_SIZES = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=4)

@@ -22,10 +22,12 @@ from tl_align_hf import (
     mixed_soft_targets,
     to_tl_align,
 )
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .reference import reference_cls_labels
 from .tiny_models import NUM_LABELS, NUM_PATCHES, aligned_copy, mixed_batch, tiny_model
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")
 PARENTS = {"vit": ViTForImageClassification, "deit": DeiTForImageClassification}

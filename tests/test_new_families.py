@@ -33,11 +33,13 @@ from transformers import (
 
 import tl_align_hf
 from tl_align_hf import TLAlignTrainer, mixed_soft_targets, to_tl_align
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .reference import reference_swin_labels, reference_token_labels
 from .test_trainer import image_dataset, make_args
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, aligned_copy, mixed_batch, sharpen_attention
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -464,7 +466,7 @@ def test_every_image_classification_model_type_is_supported_or_refused_with_its_
     """A model type transformers adds to AutoModelForImageClassification fails here until it is classified."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-    from tl_align_hf.modeling import UNSUPPORTED_FAMILIES
+    from tl_align_hf.models import UNSUPPORTED_FAMILIES
 
     supported = {aligned_class.config_class.model_type for aligned_class in ALIGNED_CLASSES}
     unclassified = [name for name in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if name not in supported | set(UNSUPPORTED_FAMILIES)]

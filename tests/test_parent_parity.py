@@ -17,11 +17,13 @@ from transformers import (
 )
 from transformers.utils import find_labels
 
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .test_families import FAMILIES, _grid_batch, _mixing, tiny_family_model
 from .test_new_families import tiny_new_family_model
 from .tiny_models import aligned_copy, tiny_model
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 MODELS = {
     "vit": lambda attn: tiny_model(ViTForImageClassification, attn),

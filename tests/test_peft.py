@@ -17,12 +17,14 @@ from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
 from tl_align_hf import TLAlignCollator, TLAlignTrainer, TLAlignViTForImageClassification, to_tl_align
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .test_families import _grid_batch, tiny_family_model
 from .test_no_trainer import EXAMPLES, run_arguments
 from .test_trainer import image_dataset, make_args
 from .tiny_models import mixed_batch, tiny_model
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "compatibility_peft.md"

@@ -16,12 +16,14 @@ import torch
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
 from tl_align_hf import TLAlignTrainer, mixed_soft_targets, to_tl_align
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .reference import _start_labels
 from .test_timm_family import mixing, set_fused_attention
 from .test_trainer import image_dataset, make_args
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, mixed_batch
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 timm = pytest.importorskip("timm")
 EvaAttention, AttentionRope = timm.models.eva.EvaAttention, timm.layers.AttentionRope

@@ -18,11 +18,13 @@ from transformers.utils import find_labels
 
 import tl_align_hf
 from tl_align_hf import TLAlignCollator, TLAlignTrainer, mixed_batch_loss, mixed_soft_targets, to_tl_align
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .reference import _start_labels
 from .test_trainer import image_dataset, make_args
 from .tiny_models import IMAGE_SIZE, NUM_LABELS, PATCH_SIZE, mixed_batch
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 timm = pytest.importorskip("timm")
 Attention, AttentionPoolLatent = timm.models.vision_transformer.Attention, timm.layers.AttentionPoolLatent

@@ -8,9 +8,11 @@ from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
 from tl_align_hf import TLAlignConfig, TLAlignTrainer, TLAlignViTForImageClassification
 from tl_align_hf.losses import mixed_soft_targets
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 
 from .tiny_models import NUM_LABELS, tiny_config, tiny_model
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 IMAGE = 24
 

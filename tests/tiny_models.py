@@ -7,8 +7,10 @@ import copy
 import torch
 from transformers import DeiTConfig, ViTConfig
 
-from tl_align_hf.modeling import ALIGNED_CLASSES
+from tl_align_hf.models import aligned_classes
 from tl_align_hf.support.transforms import default_image_processor
+
+ALIGNED_CLASSES = aligned_classes()  # every supported class -> its aligned class (timm's included)
 
 IMAGE_SIZE, PATCH_SIZE, NUM_LABELS = 24, 4, 10
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2

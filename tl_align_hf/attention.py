@@ -34,6 +34,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torch_flex_attn_available
@@ -120,6 +121,15 @@ def route_attention(model: torch.nn.Module) -> int:
     return routed
 
 
+def unroute_attention(model: torch.nn.Module) -> None:
+    """Undo :func:`route_attention` (and :func:`pass_aligner_through`'s attribute): every attention module of
+    ``model`` sees its own config again, and no module keeps an aligner attribute."""
+    for module in model.modules():
+        if isinstance(getattr(module, "config", None), RoutedConfig):
+            module.config = module.config.tl_align_config
+        module.__dict__.pop(ALIGNER_ATTRIBUTE, None)
+
+
 def base_attention_function(module: torch.nn.Module, base_implementation: str) -> Callable:
     """The attention function that ``module`` would call for ``base_implementation``."""
     eager = module.config.tl_align_eager_attention
@@ -150,15 +160,15 @@ def aligner_on_modules(modules: list[torch.nn.Module], aligner: TokenLabelAligne
             setattr(module, ALIGNER_ATTRIBUTE, None)
 
 
-def pass_aligner_through(attention_module: torch.nn.Module) -> None:
+def pass_aligner_through(attention_module: torch.nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
     """Hook an attention module that drops its ``**kwargs`` so that its attention calls still see the aligner.
 
     For the duration of each call, the ``token_label_aligner`` keyword argument the module receives is kept on the
-    module, where :func:`aligned_attention_forward` finds it. Without that argument the hooks do nothing.
+    module, where :func:`aligned_attention_forward` finds it (no argument: the hooks do nothing). Returns the handles.
     """
     setattr(attention_module, ALIGNER_ATTRIBUTE, None)
-    attention_module.register_forward_pre_hook(_stash_aligner, with_kwargs=True)
-    attention_module.register_forward_hook(_drop_aligner, with_kwargs=True, always_call=True)
+    pre_hook = attention_module.register_forward_pre_hook(_stash_aligner, with_kwargs=True)
+    return pre_hook, attention_module.register_forward_hook(_drop_aligner, with_kwargs=True, always_call=True)
 
 
 def choose_path(requested: str, base_implementation: str, dropout: float) -> str:

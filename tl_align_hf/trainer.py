@@ -17,7 +17,7 @@ from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
 from .losses import alignment_metrics, mixed_batch_loss
 from .mixer import MIXING_KEYS
-from .modeling import as_parent_class, to_tl_align
+from .models import as_parent_class, to_tl_align
 from .support.checkpoints import TrainingRecord, check_one_run_per_launch, check_writable, recorded_training
 from .support.metrics import compute_accuracy_metrics
 from .support.model_card import tl_align_model_card

@@ -9,7 +9,7 @@ ViT and DeiT have none: asking for it there is an error, not a silent no-op.
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig, TimmWrapperConfig
+from transformers import PretrainedConfig
 
 DROP_PATH_FAMILIES = (
     "timm models through TimmWrapperForImageClassification (timm's ViT, DeiT, DeiT III, ...) and transformers' "
@@ -22,7 +22,7 @@ def set_drop_path_rate(config: PretrainedConfig, drop_path_rate: float) -> Pretr
     ..., config=config)`), and return it. Raises a ValueError for a family whose model has no drop path."""
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate (--drop_path_rate) must be in [0, 1), got {drop_path_rate}.")
-    if isinstance(config, TimmWrapperConfig):
+    if config.model_type == "timm_wrapper":  # TimmWrapperConfig (not imported: importing it imports timm)
         config.model_args = {**(config.model_args or {}), "drop_path_rate": drop_path_rate}
     elif hasattr(config, "drop_path_rate"):
         config.drop_path_rate = drop_path_rate

@@ -1,10 +1,10 @@
 """Token geometry of timm's Swin Transformers (``SwinTransformer``, ``SwinTransformerV2``) for the aligner.
 
-As for transformers' Swin (:class:`~tl_align_hf.modeling.TLAlignSwinForImageClassification`), the shares follow the
+As for transformers' Swin (:class:`~tl_align_hf.models.swin.TLAlignSwinForImageClassification`), the shares follow the
 tokens: each block's attention sees them exactly as timm's ``_attn`` arranges the hidden states (cyclic shift first,
 then padding to whole windows, then the window partition; the shift mask and the relative position bias are part of
 the probabilities), and the update is mapped back to the token grid; patch merging, which timm runs at the start of
-a stage, takes the mean of each 2x2 group of real tokens (:func:`~tl_align_hf.modeling._merge_2x2_shares`). Padded
+a stage, takes the mean of each 2x2 group of real tokens (:func:`~tl_align_hf.models.swin.merge_2x2_shares`). Padded
 positions hold ``mix_lam``: zero tokens carry no pixels of either image, like a class token.
 
 Hooks on the blocks and merging layers read the aligner that the model puts on them for an aligned forward pass
@@ -19,9 +19,10 @@ import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from timm.models.swin_transformer_v2 import PatchMerging as PatchMergingV2
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+from torch.utils.hooks import RemovableHandle
 
-from .attention import ALIGNER_ATTRIBUTE
-from .modeling import _merge_2x2_shares
+from ..attention import ALIGNER_ATTRIBUTE
+from .swin import merge_2x2_shares
 
 SWIN_BLOCKS = (SwinTransformerBlock, SwinTransformerV2Block)
 SWIN_MERGING = (PatchMerging, PatchMergingV2)
@@ -69,17 +70,19 @@ def _merging_pre_hook(merging: torch.nn.Module, args: tuple) -> None:
     aligner = getattr(merging, ALIGNER_ATTRIBUTE, None)
     if aligner is not None:
         _, height, width, _ = args[0].shape  # (B, H, W, C)
-        aligner.merge_tokens(functools.partial(_merge_2x2_shares, height=height, width=width))
+        aligner.merge_tokens(functools.partial(merge_2x2_shares, height=height, width=width))
 
 
-def install_swin_hooks(timm_model: torch.nn.Module) -> None:
-    """Register the geometry hooks on a timm Swin model's blocks and patch-merging layers."""
+def install_swin_hooks(timm_model: torch.nn.Module) -> list[RemovableHandle]:
+    """Register the geometry hooks on a timm Swin model's blocks and patch-merging layers; return their handles."""
+    handles = []
     for module in timm_model.modules():
         if isinstance(module, SWIN_BLOCKS):
-            module.register_forward_pre_hook(_block_pre_hook)
-            module.register_forward_hook(_block_hook, always_call=True)
+            handles.append(module.register_forward_pre_hook(_block_pre_hook))
+            handles.append(module.register_forward_hook(_block_hook, always_call=True))
         elif isinstance(module, SWIN_MERGING):
-            module.register_forward_pre_hook(_merging_pre_hook)
+            handles.append(module.register_forward_pre_hook(_merging_pre_hook))
+    return handles
 
 
 def swin_blocks(timm_model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer_relpos import RelPosAttention
 from torch.overrides import TorchFunctionMode
 
-from .attention import (
+from ..attention import (
     ALIGNER_ATTRIBUTE,
     additive_mask,
     attention_with_shares,

@@ -8,9 +8,9 @@ The wrapper hands only the pixels to the timm model, and timm's attention does n
 attention interface, so the aligner travels differently, through the same building blocks:
 
 - converting a model gives each of its attention modules the aligned subclass of its class
-  (:mod:`tl_align_hf.timm_attention`: same weights, same forward when no aligner is there) and hooks the
+  (:mod:`tl_align_hf.models.timm_attention`: same weights, same forward when no aligner is there) and hooks the
   attention-pooling head (``global_pool='map'``) and, in Swin models, the blocks and patch merging
-  (:mod:`tl_align_hf.timm_swin`);
+  (:mod:`tl_align_hf.models.timm_swin`);
 - for the aligned forward pass only, the model puts the aligner on those modules (``ALIGNER_ATTRIBUTE``, as
   :func:`~tl_align_hf.attention.pass_aligner_through` does for modules that drop their kwargs) and takes it off
   afterwards, so a forward pass without mixing arguments is timm's own, bit for bit;
@@ -47,10 +47,11 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from timm.models.vision_transformer_relpos import RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos
+from torch.utils.hooks import RemovableHandle
 from transformers import TimmWrapperForImageClassification
 
-from .attention import aligner_on_modules
-from .modeling import TLAlignMixin, _aligned_output_class
+from ..attention import aligner_on_modules
+from .base import TLAlignMixin, aligned_output_class
 from .timm_attention import ALIGNED_ATTENTION, AlignedTimmAttention, attention_pool_pre_hook
 from .timm_swin import SWIN_BLOCKS, SWIN_MERGING, install_swin_hooks, swin_blocks
 
@@ -162,7 +163,7 @@ def _check_supported(model: TimmWrapperForImageClassification) -> None:
 
 # ------------------------------------------------------------------------------------------------------ model
 @dataclasses.dataclass
-class TLAlignTimmWrapperClassifierOutput(_aligned_output_class(TimmWrapperForImageClassification)):
+class TLAlignTimmWrapperClassifierOutput(aligned_output_class(TimmWrapperForImageClassification)):
     """`ImageClassifierOutput` plus ``aligned_lam`` `(B,)`; in timm's distilled training (``logits`` is then the
     pair of the class and distillation heads' logits) also ``cls_logits`` and ``distillation_logits`` `(B, C)`,
     which :func:`~tl_align_hf.mixed_batch_loss` trains on the same target, as for DeiT with teacher."""
@@ -237,12 +238,19 @@ class TLAlignTimmWrapperForImageClassification(TLAlignMixin, TimmWrapperForImage
         for block in _transformer_blocks(self.timm_model):
             block.attn.__class__ = ALIGNED_ATTENTION.get(type(block.attn), type(block.attn))
 
-    def tl_align_install_hooks(self) -> None:
-        super().tl_align_install_hooks()
+    def tl_align_unroute_attention(self) -> None:
+        """Give each aligned attention module its timm class back."""
+        timm_classes = {aligned: parent for parent, aligned in ALIGNED_ATTENTION.items()}
+        for module in self.timm_model.modules():
+            module.__class__ = timm_classes.get(type(module), type(module))
+        super().tl_align_unroute_attention()
+
+    def tl_align_install_hooks(self) -> list[RemovableHandle]:
+        handles = super().tl_align_install_hooks()
         attn_pool = getattr(self.timm_model, "attn_pool", None)
         if isinstance(attn_pool, AttentionPoolLatent):
-            attn_pool.register_forward_pre_hook(attention_pool_pre_hook)
-        install_swin_hooks(self.timm_model)
+            handles.append(attn_pool.register_forward_pre_hook(attention_pool_pre_hook))
+        return handles + install_swin_hooks(self.timm_model)
 
     def tl_align_readout(self, shares: torch.Tensor) -> torch.Tensor:
         """`(B, N)` final shares (`(B, L)` latent shares after a ``'map'`` pool) -> `(B,)`, pooled as timm pools."""
