@@ -11,7 +11,7 @@ from .attention import ATTENTION_PATHS
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
 from .losses import alignment_metrics, mixed_batch_loss, mixed_soft_targets, mixing_loss, soft_target_cross_entropy
-from .mixer import MixingSettings, TLAlignMixer, mixing_generator
+from .mixer import TLAlignMixer, mixing_generator
 from .modeling import (
     TLAlignBeitForImageClassification,
     TLAlignCLIPForImageClassification,
@@ -31,6 +31,7 @@ from .modeling import (
     TLAlignViTMSNForImageClassification,
     to_tl_align,
 )
+from .settings import MixingSettings
 from .support.model_card import push_checkpoint_to_hub, tl_align_model_card
 from .trainer import TLAlignTrainer
 

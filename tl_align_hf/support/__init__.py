@@ -8,7 +8,8 @@ the parts of the paper's training recipe that are not TL-Align (:mod:`.optim`, :
 :mod:`.recipes`). The names below are the documented helpers the examples use.
 """
 
-from .checkpoints import LoopRecord, check_one_run_per_launch, check_writable, disk_full_error, training_settings
+from ..settings import check_label_smoothing, training_settings
+from .checkpoints import LoopRecord, check_one_run_per_launch, check_writable, disk_full_error
 from .data import (
     AUGMENTATIONS,
     DEIT_RECIPE,
@@ -33,6 +34,7 @@ __all__ = [
     "DEIT_RECIPE",
     "LoopRecord",
     "RepeatedAugmentationSampler",
+    "check_label_smoothing",
     "check_one_run_per_launch",
     "check_writable",
     "compute_accuracy_metrics",
