@@ -73,6 +73,26 @@ def check_model_inputs(
         labels: `(B,)` integer class of each sample, or `None` (no loss is computed).
         num_labels: the model's classes; `labels` must be in `[0, num_labels)`.
     """
+    _check_mixing_dtypes_and_shapes(mix_index, token_weights, mix_lam, batch_size, num_patches)
+    if labels is not None:
+        _check_labels_dtype_and_shape(labels, batch_size)
+        if num_labels is not None:
+            check_num_classes(num_labels)
+    if not batch_size:
+        return
+    fix = " Pass the batch that TLAlignCollator produces."
+    for name, values, high, meaning in (
+        ("mix_index", mix_index, batch_size - 1, "index into the batch"),
+        ("token_weights", token_weights, 1, "hold the share of each patch's pixels from the sample itself"),
+        ("mix_lam", mix_lam, 1, "hold the share of each image from the sample itself"),
+    ):
+        in_range = ((values >= 0) & (values <= high)).all()
+        check_in_range(in_range, values, f"`{name}` must {meaning}, i.e. hold values in [0, {high}]", fix)
+    if labels is not None and num_labels is not None:
+        _check_labels_in_range(labels, num_labels)
+
+
+def _check_mixing_dtypes_and_shapes(mix_index, token_weights, mix_lam, batch_size: int, num_patches: int) -> None:
     for name, value in zip(MIXING_KEYS, (mix_index, token_weights, mix_lam)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
@@ -91,28 +111,17 @@ def check_model_inputs(
         )
     if tuple(mix_lam.shape) != (batch_size,):
         raise ValueError(f"`mix_lam` must have shape ({batch_size},) (one share per image), got {tuple(mix_lam.shape)}.")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or not _is_integer(labels) or tuple(labels.shape) != (batch_size,):
-            error = ValueError if isinstance(labels, torch.Tensor) and _is_integer(labels) else TypeError
-            raise error(
-                f"`labels` must be a (batch_size,) integer tensor of each sample's own class, got dtype "
-                f"{getattr(labels, 'dtype', type(labels).__name__)} and shape {tuple(getattr(labels, 'shape', ()))}. "
-                "Mixed soft targets are built from `mix_index` and the aligned shares."
-            )
-        if num_labels is not None:
-            check_num_classes(num_labels)
-    if not batch_size:
-        return
-    fix = " Pass the batch that TLAlignCollator produces."
-    for name, values, high, meaning in (
-        ("mix_index", mix_index, batch_size - 1, "index into the batch"),
-        ("token_weights", token_weights, 1, "hold the share of each patch's pixels from the sample itself"),
-        ("mix_lam", mix_lam, 1, "hold the share of each image from the sample itself"),
-    ):
-        in_range = ((values >= 0) & (values <= high)).all()
-        check_in_range(in_range, values, f"`{name}` must {meaning}, i.e. hold values in [0, {high}]", fix)
-    if labels is not None and num_labels is not None:
-        _check_labels_in_range(labels, num_labels)
+
+
+def _check_labels_dtype_and_shape(labels: torch.Tensor, batch_size: int) -> None:
+    """A TypeError for labels that are not an integer tensor (soft or one-hot labels), a ValueError for another size."""
+    is_integer_tensor = isinstance(labels, torch.Tensor) and _is_integer(labels)
+    if not is_integer_tensor or tuple(labels.shape) != (batch_size,):
+        dtype, shape = getattr(labels, "dtype", type(labels).__name__), tuple(getattr(labels, "shape", ()))
+        raise (ValueError if is_integer_tensor else TypeError)(
+            f"`labels` must be a (batch_size,) integer tensor of each sample's own class, got dtype {dtype} and "
+            f"shape {shape}. Mixed soft targets are built from `mix_index` and the aligned shares."
+        )
 
 
 def _check_labels_in_range(labels: torch.Tensor, num_classes: int) -> None:
