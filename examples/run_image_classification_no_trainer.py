@@ -62,6 +62,7 @@ from tl_align_hf.support import (
     DEIT_RECIPE,
     LoopRecord,
     RepeatedAugmentationSampler,
+    check_label_smoothing,
     check_one_run_per_launch,
     check_writable,
     default_digits_dir,
@@ -163,8 +164,7 @@ def parse_args(argv=None):
     args.mixing, args.use_digits = mixing, use_digits
 
     # Sanity checks
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise ValueError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
+    check_label_smoothing(args.label_smoothing, "`label_smoothing` (--label_smoothing)")
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient_accumulation_steps must be at least 1, got {args.gradient_accumulation_steps}.")
     if args.repeated_augmentation < 1:
@@ -513,7 +513,7 @@ def main(argv=None):
                 model_class_name=type(unwrapped_model).__name__,
                 finetuned_from=args.model_name_or_path,
                 dataset=args.dataset_name or ("scikit-learn digits" if args.use_digits else None),
-                mixing={key: value for key, value in trained.items() if key not in ("tl_align", "label_smoothing")},
+                mixing=MixingSettings.from_config(trained).mixing_settings_dict(),
                 tl_align=trained["tl_align"],
                 label_smoothing=trained["label_smoothing"],
                 hyperparameters={"learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,

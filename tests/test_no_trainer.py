@@ -211,7 +211,7 @@ def test_mixing_arguments_have_the_names_and_defaults_of_tl_align_config(tmp_pat
     [
         (["--checkpointing_steps", "often"], "positive number of steps or 'epoch'"),
         (["--train_dir", "x", "--checkpointing_steps", "10"], "need --output_dir"),
-        (["--label_smoothing", "1.5"], r"--label_smoothing must be in \[0, 1\)"),
+        (["--label_smoothing", "1.5"], r"`label_smoothing` \(--label_smoothing\) must be in \[0, 1\)"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
         (["--mix_prob", "2"], r"`mix_prob` \(--mix_prob\) must be a number in \[0.0, 1.0\]"),
     ],

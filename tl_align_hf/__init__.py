@@ -13,7 +13,7 @@ from .attention import ATTENTION_PATHS
 from .collator import TLAlignCollator
 from .config import TLAlignConfig
 from .losses import alignment_metrics, mixed_batch_loss, mixed_soft_targets, mixing_loss, soft_target_cross_entropy
-from .mixer import MixingSettings, TLAlignMixer, mixing_generator
+from .mixer import TLAlignMixer, mixing_generator
 from .models import (
     TLAlignBeitForImageClassification,
     TLAlignCLIPForImageClassification,
@@ -34,6 +34,7 @@ from .models import (
     from_tl_align,
     to_tl_align,
 )
+from .settings import MixingSettings
 from .support.model_card import push_checkpoint_to_hub, tl_align_model_card
 from .trainer import TLAlignTrainer
 

@@ -21,7 +21,8 @@ import torch
 from transformers import TrainingArguments
 
 from .config import as_tl_align_config
-from .mixer import MixingSettings, TLAlignMixer, mixing_generator
+from .mixer import TLAlignMixer, mixing_generator
+from .settings import MixingSettings
 
 _DIGEST_SAMPLES_PER_SIDE = 16  # pixels per image side that enter the batch digest (about 16 x 16 x C per image)
 
@@ -230,6 +231,7 @@ class TLAlignCollator:
         if _holds_patch_sequences(examples):
             return self._collate_patch_sequences(examples, mix=False)
         images, labels = self._checked(examples, labels_required=False)
+        self.mixer.check_image_size(images[0].shape[-2:], "image size")  # the mixer checks it in `__call__`
         pixel_values = torch.stack(images)
         return {"pixel_values": pixel_values} if labels is None else {"pixel_values": pixel_values, "labels": labels}
 
@@ -269,7 +271,11 @@ class TLAlignCollator:
         return int(os.environ.get("RANK", 0))
 
     def _checked(self, examples: Sequence[Mapping[str, Any]], labels_required: bool):
-        """B checked `(C, H, W)` images and `(B,)` int64 labels (None if not required and some example has none)."""
+        """B checked `(C, H, W)` images and `(B,)` int64 labels (None if not required and some example has none).
+
+        The host side of the batch contract (`tl_align_hf.contract`): keys, image shapes, channels and labels; the
+        image size is the mixer's check (`TLAlignMixer.check_image_size`).
+        """
         if not isinstance(examples, list | tuple) or not examples:
             raise ValueError("TLAlignCollator needs a non-empty list of examples (dicts with pixel_values and label).")
         images = [_image(example, position) for position, example in enumerate(examples)]
@@ -286,7 +292,6 @@ class TLAlignCollator:
                 f"(config.num_channels): convert the images in the transform (e.g. to {'grayscale' if self.num_channels == 1 else 'RGB'}), "
                 "or build the model with a matching num_channels."
             )
-        self.mixer.check_image_size(images[0].shape[-2:], "image size")
         return images, self._labels(examples, labels_required)
 
     def _labels(self, examples: Sequence[Mapping[str, Any]], labels_required: bool) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .attention import ATTENTION_PATHS
-from .mixer import MixingSettings
+from .settings import MixingSettings, check_label_smoothing
 
 logger = logging.get_logger(__name__)
 
@@ -147,8 +147,7 @@ class TLAlignConfig(TrainingArguments, MixingSettings):
             )
         if self.label_smoothing_factor:
             self._apply_label_smoothing_factor()
-        if isinstance(self.label_smoothing, bool) or not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"`label_smoothing` (--label_smoothing) must be in [0, 1), got {self.label_smoothing!r}.")
+        check_label_smoothing(self.label_smoothing, "`label_smoothing` (--label_smoothing)")
         self.check_recipe_settings()
         super().__post_init__()
 
@@ -159,8 +158,7 @@ class TLAlignConfig(TrainingArguments, MixingSettings):
         mixing. `label_smoothing` at its default counts as unset; a different explicit value is a conflict.
         """
         factor = self.label_smoothing_factor
-        if isinstance(factor, bool) or not 0.0 < factor < 1.0:
-            raise ValueError(f"`label_smoothing_factor` (applied as `label_smoothing`) must be in [0, 1), got {factor!r}.")
+        check_label_smoothing(factor, "`label_smoothing_factor` (applied as `label_smoothing`)")
         if self.label_smoothing not in (DEFAULT_LABEL_SMOOTHING, factor):
             raise ValueError(
                 f"label_smoothing={self.label_smoothing} and label_smoothing_factor={factor} disagree: TLAlignTrainer "

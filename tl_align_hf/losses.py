@@ -8,6 +8,9 @@ from collections.abc import Mapping
 
 import torch
 
+from .contract import check_loss_inputs, check_mix_index_and_share
+from .settings import check_label_smoothing
+
 ALIGNMENT_METRICS = ("mix_lam", "aligned_lam", "alignment_gap")
 
 
@@ -29,6 +32,7 @@ def mixed_soft_targets(
     Returns:
         `(B, num_classes)` float32 targets; each row sums to 1.
     """
+    check_label_smoothing(label_smoothing)
     smoothed = torch.nn.functional.one_hot(labels, num_classes).float() * (1.0 - label_smoothing)
     smoothed = smoothed + label_smoothing / num_classes
     own_share = own_share.detach().float()[:, None]
@@ -55,6 +59,10 @@ def mixing_loss(
 ) -> torch.Tensor:
     """Soft-target cross-entropy of `(B, C)` ``logits`` against :func:`mixed_soft_targets`, without building them.
 
+    For tensors of a user's own: the arguments are checked here, shapes and dtypes on the host and values without a
+    device sync (``tl_align_hf.contract.check_loss_inputs``). :func:`mixed_batch_loss` computes the same loss for a
+    batch whose values were checked where they entered (the collator, the aligned model).
+
     The target is linear in the two smoothed one-hots, so per sample the loss is
     ``-(1 - eps) * (own_share * logp[y_i] + (1 - own_share) * logp[y_j]) - eps * mean_c(logp)``, with
     ``logp = log_softmax(logits)`` in float32 and ``eps = label_smoothing``: one `(B, C)` buffer (the log-probabilities)
@@ -64,16 +72,15 @@ def mixing_loss(
         logits: `(B, C)`; labels, mix_index: `(B,)` integer; own_share: `(B,)` in [0, 1] (no gradient flows into it).
         reduction: ``"mean"`` over the batch or ``"sum"``.
     """
-    if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+    check_label_smoothing(label_smoothing)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
-    if logits.shape[-1] < 2:  # one class: every target is that class, the loss 0 and the gradient 0
-        raise ValueError(
-            f"The logits have {logits.shape[-1]} class (the model's num_labels={logits.shape[-1]}): a mixed target is "
-            "a share between two labels, so TL-Align needs num_labels >= 2 (the number of classes of the data)."
-        )
-    _check_labels(logits, labels, mix_index, own_share)
+    check_loss_inputs(logits, labels, mix_index, own_share)
+    return _mixing_loss(logits, labels, mix_index, own_share, label_smoothing, reduction)
+
+
+def _mixing_loss(logits, labels, mix_index, own_share, label_smoothing: float, reduction: str) -> torch.Tensor:
+    """:func:`mixing_loss` of arguments checked by its callers."""
     log_probabilities = torch.log_softmax(logits.float(), dim=-1)
     own_share = own_share.detach().float()
     own = log_probabilities.gather(1, labels[:, None]).squeeze(1)
@@ -82,36 +89,6 @@ def mixing_loss(
     if label_smoothing:
         per_sample = per_sample - label_smoothing * log_probabilities.mean(dim=-1)
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
-
-
-def _check_labels(logits: torch.Tensor, labels: torch.Tensor, mix_index: torch.Tensor, own_share: torch.Tensor) -> None:
-    """Shapes and dtypes on the host; value ranges as a ValueError on the CPU, an asynchronous device assert on an
-    accelerator or while compiling (reading a value back would stall the device's queue and break the graph)."""
-    batch_size, num_classes = logits.shape[0], logits.shape[-1]
-    for name, value in (("labels", labels), ("mix_index", mix_index)):
-        if value.dtype.is_floating_point or value.dtype == torch.bool or tuple(value.shape) != (batch_size,):
-            raise ValueError(
-                f"`{name}` must be a ({batch_size},) integer tensor (one entry per image of the logits), got dtype "
-                f"{value.dtype} and shape {tuple(value.shape)}."
-            )
-    if tuple(own_share.shape) != (batch_size,):
-        raise ValueError(f"`own_share` must have shape ({batch_size},) (one share per image), got {tuple(own_share.shape)}.")
-    if not batch_size:
-        return
-    on_host = labels.device.type == "cpu" and not torch.compiler.is_compiling()
-    checks = (
-        ("labels", ((labels >= 0) & (labels < num_classes)).all(), f"[0, {num_classes})", "class ids of these logits; check the label column"),
-        ("mix_index", ((mix_index >= 0) & (mix_index < batch_size)).all(), f"[0, {batch_size})", "positions in the batch"),
-        # NaN passes (it comes from the model, and is reported as a non-finite loss); 1e-5: float rounding
-        ("own_share", ~((own_share < -1e-5) | (own_share > 1 + 1e-5)).any(), "[0, 1]", "shares: aligned_lam or mix_lam"),
-    )  # fmt: skip
-    for name, in_range, bounds, meaning in checks:
-        message = f"`{name}` must hold values in {bounds} ({meaning})"
-        if not on_host:
-            torch._assert_async(in_range, message)
-        elif not bool(in_range):
-            values = {"labels": labels, "mix_index": mix_index, "own_share": own_share}[name].float()
-            raise ValueError(f"{message}, got values in [{values.min().item():.4g}, {values.max().item():.4g}].")
 
 
 def _head_logits(outputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -135,6 +112,11 @@ def mixed_batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of a mixed batch and its alignment sums: the one place this is computed.
 
+    The batch is one that came through :class:`TLAlignCollator` (which checked the labels on the host) and the
+    aligned model (which checked ``mix_index``, ``token_weights`` and ``mix_lam``): here the shapes and dtypes are
+    checked, and the values only of what neither saw (with ``tl_align=False``, ``mix_index`` and ``mix_lam``, which
+    the model was not given). For tensors of your own, :func:`mixing_loss` checks every value.
+
     Args:
         outputs: the model's output (a `ModelOutput`, or any mapping) for the mixed ``batch["pixel_values"]``: ``logits`` (DeiT with teacher:
             ``cls_logits`` and ``distillation_logits``, both trained on the same target, losses averaged) and, with
@@ -154,19 +136,41 @@ def mixed_batch_loss(
         sum |aligned_lam - mix_lam|]`` for TL-Align. Add them over steps and processes and read them with
         :func:`alignment_metrics`; nothing here waits for the device.
     """
-    mix_lam = batch["mix_lam"]
-    if tl_align:
-        own_share = outputs.get("aligned_lam")
-        if own_share is None:
-            raise ValueError(
-                "tl_align=True needs `outputs.aligned_lam`: call the aligned model with the batch's mix_index, "
-                "token_weights and mix_lam (or pass tl_align=False for the area target)."
-            )
-    else:
-        own_share = mix_lam
+    check_label_smoothing(label_smoothing)
+    own_share = _own_share(outputs, batch, tl_align)
+    heads = _head_logits(outputs)
+    check_loss_inputs(heads[0], batch["labels"], batch["mix_index"], own_share, check_values=False)
+    if not tl_align:  # the model was not given mix_index and mix_lam: their values are checked here
+        check_mix_index_and_share(batch["mix_index"], own_share)
+    return loss_of_checked_batch(outputs, batch, tl_align, label_smoothing, num_items_in_batch, num_processes)
+
+
+def _own_share(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], tl_align: bool) -> torch.Tensor:
+    """`(B,)` share of each sample's own label in its target: ``aligned_lam`` (TL-Align) or ``mix_lam`` (area)."""
+    if not tl_align:
+        return batch["mix_lam"]
+    if outputs.get("aligned_lam") is None:
+        raise ValueError(
+            "tl_align=True needs `outputs.aligned_lam`: call the aligned model with the batch's mix_index, "
+            "token_weights and mix_lam (or pass tl_align=False for the area target)."
+        )
+    return outputs["aligned_lam"]
+
+
+def loss_of_checked_batch(
+    outputs: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    tl_align: bool,
+    label_smoothing: float,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    num_processes: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mixed_batch_loss` of a batch and settings checked by the caller (the aligned model's forward, which
+    checked them with ``tl_align_hf.contract.check_model_inputs``)."""
+    own_share, mix_lam = _own_share(outputs, batch, tl_align), batch["mix_lam"]
     reduction = "mean" if num_items_in_batch is None else "sum"
     head_losses = [
-        mixing_loss(logits, batch["labels"], batch["mix_index"], own_share, label_smoothing, reduction)
+        _mixing_loss(logits, batch["labels"], batch["mix_index"], own_share, label_smoothing, reduction)
         for logits in _head_logits(outputs)
     ]
     loss = sum(head_losses) / len(head_losses)

@@ -1,12 +1,12 @@
-"""The mixing settings and the mixer: one draw per batch, on a stacked batch on any device.
+"""The mixer: one draw per batch, on a stacked batch on any device.
 
 Methods: CutMix with a pixel box (https://arxiv.org/abs/1905.04899), CutMix with a box on the patch grid (the
 default of Token-Label Alignment, https://arxiv.org/abs/2210.06455), Mixup (https://arxiv.org/abs/1710.09412),
 TokenMix-style random tokens (https://arxiv.org/abs/2207.08409), and a cut-style method switched with Mixup as in
 timm's `Mixup`, whose parameters (`prob`, `switch_prob`, `mode`, `cutmix_minmax`, `correct_lam`) these mirror.
 
-:class:`MixingSettings` is the one place the settings are declared, checked and documented: `TLAlignConfig` inherits
-it, and :class:`TLAlignMixer` consumes it as is. The mixer is applied to a stacked `(B, C, H, W)` batch, as timm's
+The settings are a :class:`~tl_align_hf.settings.MixingSettings` (declared, checked and documented there; a
+`TLAlignConfig` works as is), of which :class:`TLAlignMixer` takes its own copy. The mixer is applied to a stacked `(B, C, H, W)` batch, as timm's
 `Mixup` is in its training loop; `TLAlignCollator` calls it on the host, and a custom loop can call it after the
 transfer to a GPU. Its randomness is the `torch.Generator` passed in: the draws (a few numbers per batch) are made
 on the CPU, so box coordinates are known without a device sync, and only the pixel work runs on the batch's device.
@@ -16,8 +16,6 @@ the random stream has to be saved to resume a run.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .contract import MIXING_KEYS  # noqa: F401 (re-exported: the keys the mixer adds)
 from .mixing import (
     box_pixel_mask,
     box_token_weights,
@@ -42,130 +41,12 @@ from .mixing import (
     token_grid_bbox,
     token_mask_to_pixels,
 )
+from .patch_sequences import PatchSequenceMixing
+from .settings import MixingSettings
 
 logger = logging.get_logger(__name__)
 
-MIXING_METHODS = ("cutmix", "token_cutmix", "mixup", "token_mix", "none")
-CUT_METHODS = ("cutmix", "token_cutmix", "token_mix")
-MIXING_MODES = ("batch", "pair", "elem")
 PAIRINGS = ("permutation", "flip")
-MIXING_KEYS = ("mix_index", "token_weights", "mix_lam")  # what the mixer adds to `pixel_values`
-
-
-def _check_number(value: Any, name: str, low: float, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high or math.isinf(value):
-        bounds = f"in [{low}, {high}]" if high < math.inf else f">= {low} and finite"
-        raise ValueError(f"`{name}` (--{name}) must be a number {bounds}, got {value!r}.")
-
-
-@dataclass
-class MixingSettings:
-    r"""
-    The data mixing settings: which method, how often, how many draws per batch.
-
-    Parameters:
-        mixing_method (`str`, *optional*, defaults to `"token_cutmix"`):
-            `"cutmix"` (pixel box, fractional patch shares at the box edges), `"token_cutmix"` (box on the patch
-            grid, the official TL-Align default), `"mixup"`, `"token_mix"` (a random subset of patches) or `"none"`.
-        mixup_alpha (`float`, *optional*, defaults to `0.0`):
-            Beta(alpha, alpha) parameter of Mixup. Required > 0 for `"mixup"`; with a cut-style method,
-            `mixup_alpha > 0` switches between that method and Mixup as timm's `Mixup` does (see `switch_prob`).
-        cutmix_alpha (`float`, *optional*, defaults to `1.0`):
-            Beta(alpha, alpha) parameter of the cut-style methods' area share.
-        cutmix_minmax (`list[float]` or `None`, *optional*, defaults to `None`):
-            `[min, max]` box side as fractions of the image (or patch grid) side, for `"cutmix"` and
-            `"token_cutmix"`; replaces `cutmix_alpha` when set, as in timm.
-        mix_prob (`float`, *optional*, defaults to `1.0`):
-            Probability that a batch (`"batch"` mode) or a sample (`"pair"`, `"elem"`) is mixed (timm's `prob`).
-            Unmixed samples keep their pixels, `token_weights = 1` and `mix_lam = 1`; `0` turns mixing off.
-        switch_prob (`float`, *optional*, defaults to `0.5`):
-            Probability of the cut-style method rather than Mixup when `mixup_alpha > 0` is set with one.
-        mix_mode (`str`, *optional*, defaults to `"batch"`):
-            `"batch"`: one draw (lambda and box or token subset) for the whole batch; `"pair"`: one per mutual pair
-            `i <-> j`; `"elem"`: one per sample (timm's `mode`).
-        correct_lam (`bool`, *optional*, defaults to `True`):
-            `mix_lam` of `"cutmix"` is the true share after the box is clipped at the border. `False` keeps the
-            drawn lambda as timm does (it then differs from `token_weights.mean(1)`).
-    """
-
-    mixing_method: str = field(
-        default="token_cutmix",
-        metadata={"help": "Mixing method: cutmix, token_cutmix, mixup, token_mix or none.", "choices": list(MIXING_METHODS)},
-    )
-    mixup_alpha: float = field(default=0.0, metadata={"help": "Beta(alpha, alpha) parameter of Mixup; 0 disables it."})
-    cutmix_alpha: float = field(
-        default=1.0, metadata={"help": "Beta(alpha, alpha) parameter of the cut-style methods; 0 disables them."}
-    )
-    cutmix_minmax: list[float] | None = field(
-        default=None,
-        metadata={"help": "Min and max CutMix box side, as fractions of the image side; replaces cutmix_alpha."},
-    )
-    mix_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch or sample (timm's prob)."})
-    switch_prob: float = field(
-        default=0.5,
-        metadata={"help": "Probability of the cut-style method rather than Mixup when both alphas are positive."},
-    )
-    mix_mode: str = field(
-        default="batch",
-        metadata={"help": "One mixing draw per batch, pair or element (timm's mode).", "choices": list(MIXING_MODES)},
-    )
-    correct_lam: bool = field(
-        default=True, metadata={"help": "Recompute the area share after clipping the CutMix box at the border."}
-    )
-
-    def __post_init__(self) -> None:
-        self.check_mixing_settings()
-
-    def check_mixing_settings(self) -> None:
-        """Raise a ValueError naming the setting (and its command-line flag) unless the settings are usable."""
-        for name, value, choices in (
-            ("mixing_method", self.mixing_method, MIXING_METHODS),
-            ("mix_mode", self.mix_mode, MIXING_MODES),
-        ):
-            if value not in choices:
-                raise ValueError(f"`{name}` (--{name}) must be one of {', '.join(choices)}; got {value!r}.")
-        _check_number(self.mix_prob, "mix_prob", 0.0, 1.0)
-        _check_number(self.switch_prob, "switch_prob", 0.0, 1.0)
-        _check_number(self.mixup_alpha, "mixup_alpha", 0.0)
-        _check_number(self.cutmix_alpha, "cutmix_alpha", 0.0)
-        if self.cutmix_minmax is not None:
-            minmax = self.cutmix_minmax
-            if not isinstance(minmax, tuple | list) or len(minmax) != 2 or not 0 < minmax[0] < minmax[1] <= 1:
-                raise ValueError(
-                    f"`cutmix_minmax` (--cutmix_minmax) must be [min, max] with 0 < min < max <= 1, got {minmax!r}."
-                )
-            if self.mixing_method not in ("cutmix", "token_cutmix"):
-                raise ValueError(
-                    f"`cutmix_minmax` is used by mixing_method 'cutmix' or 'token_cutmix' only, not "
-                    f"{self.mixing_method!r}; remove it or change the method."
-                )
-            self.cutmix_minmax = [float(minmax[0]), float(minmax[1])]
-        if self.mixing_method in CUT_METHODS and self.cutmix_alpha <= 0 and self.cutmix_minmax is None:
-            raise ValueError(
-                f"mixing_method={self.mixing_method!r} needs `cutmix_alpha` > 0 (e.g. --cutmix_alpha 1.0) or "
-                "`cutmix_minmax`; for Mixup alone use --mixing_method mixup."
-            )
-        if self.mixing_method == "mixup" and self.mixup_alpha <= 0:
-            raise ValueError("mixing_method='mixup' needs `mixup_alpha` > 0 (e.g. --mixup_alpha 0.8).")
-        if self.switch_prob != 0.5 and not self.switches_to_mixup:
-            logger.warning(
-                "switch_prob=%s has no effect: it picks between a cut-style method and Mixup, which needs "
-                "mixing_method cutmix, token_cutmix or token_mix together with mixup_alpha > 0.",
-                self.switch_prob,
-            )
-
-    @property
-    def switches_to_mixup(self) -> bool:
-        """Whether draws pick between the cut-style method and Mixup (with `switch_prob`)."""
-        return self.mixing_method in CUT_METHODS and self.mixup_alpha > 0
-
-    def mixing_settings(self) -> MixingSettings:
-        """These settings as a plain :class:`MixingSettings` (e.g. taken from a `TLAlignConfig`)."""
-        return MixingSettings(**{item.name: getattr(self, item.name) for item in dataclasses.fields(MixingSettings)})
-
-    def mixing_settings_dict(self) -> dict[str, Any]:
-        """The settings as `{field name: value}`, e.g. for a model card or a log line."""
-        return dataclasses.asdict(self.mixing_settings())
 
 
 def mixing_generator(seed: int, *keys: int) -> torch.Generator:
@@ -215,7 +96,7 @@ class _Cut(NamedTuple):
 
 
 @dataclass
-class TLAlignMixer:
+class TLAlignMixer(PatchSequenceMixing):
     """Mixes a stacked batch into the TL-Align batch contract; one call is one batch's draw.
 
     Example:
@@ -261,7 +142,7 @@ class TLAlignMixer:
     def __post_init__(self) -> None:
         if not isinstance(self.settings, MixingSettings):
             raise TypeError(f"`settings` must be a MixingSettings (or TLAlignConfig), got {type(self.settings).__name__}.")
-        self.settings = self.settings.mixing_settings()
+        self.settings = MixingSettings.from_config(self.settings)
         self.patch_size = _as_size(self.patch_size, "patch_size")
         if self.image_size is not None:
             self.image_size = _as_size(self.image_size, "image_size")
@@ -349,6 +230,11 @@ class TLAlignMixer:
             pixels, mix_index, token_weights, mix_lam = self._mix_batch(pixel_values, image_size, generator)
         else:
             pixels, mix_index, token_weights, mix_lam = self._mix_per_element(pixel_values, image_size, generator)
+        return self._batch_contract(pixels, mix_index, token_weights, mix_lam)
+
+    @staticmethod
+    def _batch_contract(pixels, mix_index, token_weights, mix_lam) -> dict[str, torch.Tensor]:
+        """The mixed `pixels` and the three contract tensors (host tensors), moved to the pixels' device."""
         device = pixels.device
         return {
             "pixel_values": pixels,
@@ -463,145 +349,3 @@ class TLAlignMixer:
             torch.where(mixed[:, None], token_weights, 1.0),
             torch.where(mixed, mix_lam, 1.0),
         )
-
-    # ---- patch sequences (SigLIP 2 NaFlex) -----------------------------------------------------------------------
-
-    def mix_patch_sequences(
-        self,
-        pixel_values: torch.Tensor,
-        pixel_attention_mask: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        generator: torch.Generator,
-    ) -> dict[str, torch.Tensor]:
-        """Mix a batch of padded patch sequences (SigLIP 2's NaFlex inputs, as ``Siglip2ImageProcessor`` returns
-        them) with the draws of `generator`.
-
-        Each image keeps its own patch grid, ``spatial_shapes[i] = (rows, columns)``, row-major at the start of its
-        sequence. Mixing works on whole patches, on the part of the grid that image ``i`` and its partner ``j`` share
-        (rows and columns below both grids' sizes), so that every patch taken from ``j`` comes from the same grid
-        position in ``j``: ``token_cutmix`` pastes a box of ``j``'s patches into that region, ``token_mix`` a random
-        subset of them, ``mixup`` blends them. Patches outside the shared region and padded patches stay ``i``'s own.
-        In ``batch`` mode the batch shares lambda (and the cut-or-Mixup choice); each image gets its own box. Pixel
-        boxes (``cutmix``) would cut through patches, whose pixels the sequences hold flattened: they are refused.
-
-        Args:
-            pixel_values: `(B, N, C * P * P)` patch sequences padded to N.
-            pixel_attention_mask: `(B, N)`, 1 for the image's patches, 0 for padding.
-            spatial_shapes: `(B, 2)` integer patch grid (rows, columns) of each image.
-            generator: a CPU `torch.Generator`.
-
-        Returns:
-            ``pixel_values`` (a new tensor, the input is left alone), ``mix_index`` `(B,)`, ``token_weights``
-            `(B, N)` float32 (the share of each patch from the sample itself; 1 at padded positions, which the model
-            masks out) and ``mix_lam`` `(B,)` float32, the mean of ``token_weights`` over each image's real patches.
-        """
-        grids = self._check_patch_sequences(pixel_values, pixel_attention_mask, spatial_shapes, generator)
-        batch_size, num_positions = pixel_attention_mask.shape
-        token_weights = torch.ones(batch_size, num_positions)
-        mix_index = torch.arange(batch_size)
-        mixed_pixels = pixel_values.clone()
-        if self.settings.mixing_method != "none" and batch_size > 1:
-            mix_index, own_shares = self._draw_patch_sequence_mixing(grids, generator)
-            for index, (partner, shares) in enumerate(zip(mix_index.tolist(), own_shares)):
-                if shares is not None:
-                    _mix_patch_grids(mixed_pixels, pixel_values, index, partner, grids, shares)
-                    token_weights[index, : grids[index][0] * grids[index][1]] = _pad_grid(shares, grids[index]).flatten()
-        real = pixel_attention_mask.detach().cpu().float()
-        mix_lam = (token_weights * real).sum(1) / real.sum(1)
-        device = mixed_pixels.device
-        return {
-            "pixel_values": mixed_pixels,
-            "mix_index": _to_device(mix_index, device),
-            "token_weights": _to_device(token_weights, device),
-            "mix_lam": _to_device(mix_lam, device),
-        }
-
-    def _check_patch_sequences(self, pixel_values, pixel_attention_mask, spatial_shapes, generator) -> list[tuple[int, int]]:
-        """The `(rows, columns)` grid of each image, after checking the three inputs agree; raise otherwise."""
-        if self.settings.mixing_method == "cutmix":
-            raise ValueError(
-                "mixing_method='cutmix' draws pixel boxes, which cut through patches; patch sequences (SigLIP 2 "
-                "NaFlex) are mixed per patch: use mixing_method 'token_cutmix' (the TL-Align default), 'token_mix' "
-                "or 'mixup'."
-            )
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError("`generator` must be a CPU torch.Generator, e.g. mixing_generator(seed, step).")
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 3 or not pixel_values.is_floating_point():
-            raise TypeError(
-                "`pixel_values` must be a float tensor of patch sequences (batch_size, num_patches, channels * "
-                f"patch_size**2), got {getattr(pixel_values, 'shape', type(pixel_values).__name__)}."
-            )
-        batch_size, num_positions = pixel_values.shape[:2]
-        if tuple(pixel_attention_mask.shape) != (batch_size, num_positions):
-            raise ValueError(
-                f"`pixel_attention_mask` must have shape {(batch_size, num_positions)}, got {tuple(pixel_attention_mask.shape)}."
-            )
-        if tuple(spatial_shapes.shape) != (batch_size, 2) or spatial_shapes.is_floating_point():
-            raise ValueError(f"`spatial_shapes` must be a ({batch_size}, 2) integer tensor, got {tuple(spatial_shapes.shape)}.")
-        grids = [tuple(grid) for grid in spatial_shapes.tolist()]
-        real_patches = pixel_attention_mask.detach().cpu().bool()
-        for index, (rows, columns) in enumerate(grids):
-            expected = torch.arange(num_positions) < rows * columns
-            if rows < 1 or columns < 1 or not torch.equal(real_patches[index], expected):
-                raise ValueError(
-                    f"Image {index}: spatial_shapes {(rows, columns)} must give its number of patches, which must be "
-                    "the first entries of its pixel_attention_mask (as Siglip2ImageProcessor returns them)."
-                )
-        return grids
-
-    def _draw_patch_sequence_mixing(self, grids: list[tuple[int, int]], generator: torch.Generator):
-        """Partners `(B,)` and, per image, its `(rows, columns)` own shares on the region shared with its partner
-        (float32), or `None` when it stays unmixed. Pairs in ``pair`` mode get the same draw, region and cut."""
-        batch_size, mode = len(grids), self.settings.mix_mode
-        draws = 1 if mode == "batch" else batch_size
-        apply = torch.rand(draws, generator=generator) < self.settings.mix_prob
-        use_cut = self._draw_use_cut(draws, generator)
-        lam = self._draw_lam(use_cut, generator)
-        mix_index = self._draw_pairing(batch_size, generator)
-        draw_of = [0] * batch_size if mode == "batch" else list(range(batch_size))
-        if mode == "pair":
-            draw_of = pair_leaders(mix_index).tolist()
-        shares_of_draw: dict[int, torch.Tensor] = {}
-        own_shares = []
-        for index, partner in enumerate(mix_index.tolist()):
-            draw = draw_of[index]
-            if partner == index or not apply[draw]:
-                own_shares.append(None)
-                continue
-            shared = (min(grids[index][0], grids[partner][0]), min(grids[index][1], grids[partner][1]))
-            key = draw if mode == "pair" else index  # the two images of a pair share their region and cut
-            if key not in shares_of_draw:
-                if use_cut[draw]:
-                    cut = self._draw_grid_cut(lam[draw : draw + 1], shared, generator)
-                    shares_of_draw[key] = (~cut).float()
-                else:
-                    shares_of_draw[key] = torch.full(shared, float(lam[draw]))
-            own_shares.append(shares_of_draw[key])
-        return mix_index, own_shares
-
-    def _draw_grid_cut(self, lam: torch.Tensor, grid: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-        """Patches taken from the partner on a `(rows, columns)` grid: bool (rows, columns)."""
-        if self.settings.mixing_method == "token_mix":
-            token_mask, _ = random_token_mask(grid[0] * grid[1], lam, generator)
-            return token_mask.view(grid)
-        minmax = None if self.settings.cutmix_minmax is None else tuple(self.settings.cutmix_minmax)
-        boxes, _ = cutmix_bbox_and_lam(grid, lam, generator, minmax, correct_lam=True)
-        return box_pixel_mask(boxes, grid)[0]
-
-
-def _pad_grid(shares: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """`(r, c)` shares of the region shared with the partner -> `(rows, columns)` over the image's own grid (1 outside)."""
-    full = torch.ones(grid)
-    full[: shares.shape[0], : shares.shape[1]] = shares
-    return full
-
-
-def _mix_patch_grids(mixed: torch.Tensor, pixel_values: torch.Tensor, index: int, partner: int, grids, shares) -> None:
-    """Write into ``mixed[index]`` the blend ``shares * own + (1 - shares) * partner`` of the patches of the shared
-    region, each taken from the same grid position of both images (their sequences are row-major in their grids)."""
-    rows, columns = shares.shape
-    positions = torch.arange(rows)[:, None], torch.arange(columns)[None, :]
-    own = (positions[0] * grids[index][1] + positions[1]).flatten()
-    theirs = (positions[0] * grids[partner][1] + positions[1]).flatten()
-    weights = shares.flatten().to(pixel_values.device, pixel_values.dtype)[:, None]
-    mixed[index, own] = weights * pixel_values[index, own] + (1.0 - weights) * pixel_values[partner, theirs]

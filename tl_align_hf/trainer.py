@@ -18,6 +18,7 @@ from .config import TLAlignConfig, as_tl_align_config
 from .losses import alignment_metrics, mixed_batch_loss
 from .mixer import MIXING_KEYS
 from .models import as_parent_class, to_tl_align
+from .settings import MixingSettings
 from .support.checkpoints import TrainingRecord, check_one_run_per_launch, check_writable, recorded_training
 from .support.metrics import compute_accuracy_metrics
 from .support.model_card import tl_align_model_card
@@ -351,13 +352,13 @@ class TLAlignTrainer(PrivateTrainerMethods, Trainer):
         if trained is None:
             card = tl_align_model_card(self, **kwargs, training_recorded=False)
         else:
-            settings = dict(trained["settings"])
+            settings = trained["settings"]
             card = tl_align_model_card(
                 self,
                 **kwargs,
-                tl_align=settings.pop("tl_align"),
-                label_smoothing=settings.pop("label_smoothing"),
-                mixing=settings,
+                tl_align=settings["tl_align"],
+                label_smoothing=settings["label_smoothing"],
+                mixing=MixingSettings.from_config(settings).mixing_settings_dict(),
                 hyperparameters=trained.get("hyperparameters") or {},
             )
         card.save(os.path.join(self.args.output_dir, "README.md"))

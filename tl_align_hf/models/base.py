@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
 
-from ..aligner import TokenLabelAligner, validate_mixing_inputs
+from ..aligner import TokenLabelAligner
 from ..attention import (
     ATTENTION_PATHS,
     aligner_on_modules,
@@ -45,8 +45,9 @@ from ..attention import (
     route_attention,
     unroute_attention,
 )
-from ..losses import mixed_batch_loss
-from ..mixer import MIXING_KEYS
+from ..contract import MIXING_KEYS, check_model_inputs
+from ..losses import loss_of_checked_batch
+from ..settings import check_label_smoothing
 
 READOUTS = ("cls", "patch_mean", "cls_and_patch_mean")
 # The keyword-only arguments the aligned forward adds after the parent's parameters.
@@ -242,7 +243,8 @@ class TLAlignMixin:
             return patch_mean
         return 0.5 * (shares[:, 0] + patch_mean)
 
-    def _start_aligner(self, pixel_values, mix_index, token_weights, mix_lam) -> TokenLabelAligner:
+    def _start_aligner(self, pixel_values, mix_index, token_weights, mix_lam, labels) -> TokenLabelAligner:
+        """The aligner of this forward pass, after the one check of its inputs (`check_model_inputs`)."""
         missing = [name for name, value in zip(MIXING_KEYS, (mix_index, token_weights, mix_lam)) if value is None]
         if missing:
             raise ValueError(
@@ -258,7 +260,8 @@ class TLAlignMixin:
         if self.tl_align_pooling not in READOUTS:
             raise ValueError(f"`tl_align_pooling` must be one of {READOUTS}, got {self.tl_align_pooling!r}.")
         num_patches = self.tl_align_num_patches(pixel_values)
-        validate_mixing_inputs(mix_index, token_weights, mix_lam, pixel_values.shape[0], num_patches)
+        num_labels = getattr(self.config, "num_labels", None)
+        check_model_inputs(mix_index, token_weights, mix_lam, pixel_values.shape[0], num_patches, labels, num_labels)
         return TokenLabelAligner(token_weights, mix_lam, self.tl_align_num_prefix_tokens, self.tl_align_attention_path)
 
     def tl_align_forward(self, parent_forward, arguments, labels, mix_index, token_weights, mix_lam, target_smoothing):
@@ -270,18 +273,12 @@ class TLAlignMixin:
         smoothed by ``target_smoothing`` (not named ``label_smoothing``: transformers takes every forward argument
         with "label" in its name for a label).
         """
-        if isinstance(target_smoothing, bool) or not 0.0 <= target_smoothing < 1.0:
-            raise ValueError(f"`target_smoothing` must be in [0, 1) (the label smoothing of the aligned loss), got {target_smoothing!r}.")
-        if labels is not None and (labels.dtype.is_floating_point or labels.dim() != 1):
-            raise TypeError(
-                f"`labels` must be a (batch_size,) integer tensor of each sample's own class, got dtype {labels.dtype} "
-                f"and shape {tuple(labels.shape)}. Mixed soft targets are built from `mix_index` and the aligned shares."
-            )
+        check_label_smoothing(target_smoothing, "`target_smoothing`", " (the label smoothing of the aligned loss)")
         return_dict = arguments.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         pixel_values = arguments.get("pixel_values")
-        aligner = self._start_aligner(pixel_values, mix_index, token_weights, mix_lam)
+        aligner = self._start_aligner(pixel_values, mix_index, token_weights, mix_lam, labels)
         if self.tl_align_attention_classes:
             parent_forward = functools.partial(_forward_with_aligner_on_modules, parent_forward)
         outputs = parent_forward(self, **arguments, token_label_aligner=aligner, return_dict=True)
@@ -290,7 +287,7 @@ class TLAlignMixin:
         fields = {**outputs, "aligned_lam": self.tl_align_readout(aligner.shares).clamp(0.0, 1.0)}
         if labels is not None:
             batch = {"labels": labels, "mix_index": mix_index, "mix_lam": mix_lam}
-            fields["loss"] = mixed_batch_loss(fields, batch, label_smoothing=target_smoothing)[0]
+            fields["loss"] = loss_of_checked_batch(fields, batch, tl_align=True, label_smoothing=target_smoothing)[0]
         outputs = self.tl_align_output_class(**fields)
         return outputs if return_dict else outputs.to_tuple()
 

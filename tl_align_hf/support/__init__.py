@@ -9,7 +9,8 @@ recipe that are not TL-Align (:mod:`.optim`, :mod:`.sampler`, :mod:`.ema`, :mod:
 are the documented helpers the examples use.
 """
 
-from .checkpoints import LoopRecord, check_one_run_per_launch, check_writable, disk_full_error, training_settings
+from ..settings import check_label_smoothing, training_settings
+from .checkpoints import LoopRecord, check_one_run_per_launch, check_writable, disk_full_error
 from .data import label_maps, load_image_dataset, prepare_image_dataset
 from .digits import default_digits_dir, write_digits_imagefolder
 from .metrics import ACCURACY_METRIC_PATH, compute_accuracy_metrics
@@ -32,6 +33,7 @@ __all__ = [
     "DEIT_RECIPE",
     "LoopRecord",
     "RepeatedAugmentationSampler",
+    "check_label_smoothing",
     "check_one_run_per_launch",
     "check_writable",
     "compute_accuracy_metrics",

@@ -31,6 +31,8 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
+from ..settings import training_settings
+
 logger = logging.get_logger(__name__)
 
 STAGING_DIR = ".tl_align_staging"  # inside output_dir: checkpoints being written
@@ -136,12 +138,6 @@ def load_saved_weights(folder: str, model) -> None:
     model.load_state_dict(loaded.state_dict(), strict=True)
 
 
-def training_settings(mixing, tl_align: bool, label_smoothing: float) -> dict[str, Any]:
-    """What a model is trained with: the mixing settings (a `MixingSettings`, e.g. a `TLAlignConfig`), TL-Align and
-    the label smoothing, as one flat dict."""
-    return {**mixing.mixing_settings_dict(), "tl_align": tl_align, "label_smoothing": label_smoothing}
-
-
 def check_resumed_settings(
     saved: dict[str, Any] | None, current: dict[str, Any], step: int, max_steps: int, *, saved_processes=None,
     num_processes: int = 1, checkpoint: str = "the checkpoint",
@@ -215,7 +211,7 @@ class TrainingRecord(TrainerCallback, ExportableState):
         return {"args": {name: getattr(self, name) for name in names}, "attributes": {}}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        current = training_settings(args, args.tl_align, args.label_smoothing)
+        current = training_settings(args, args.tl_align, args.label_smoothing)  # args: a TLAlignConfig
         saved = (state.stateful_callbacks or {}).get(type(self).__name__, {}).get("args", {})
         self.num_processes = args.world_size
         self.hyperparameters = training_hyperparameters(args)

@@ -22,7 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.modelcard import TrainingSummary, make_markdown_table
 
 from ..config import as_tl_align_config
-from ..mixer import MixingSettings
+from ..settings import MixingSettings, check_label_smoothing
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -82,8 +82,7 @@ def _check_settings(mixing: dict[str, Any], smoothing: float) -> None:
     """ValueError naming the setting unless `mixing` has only mixing fields and the label `smoothing` is in [0, 1)."""
     if unknown := sorted(set(mixing) - set(MIXING_FIELDS)):
         raise ValueError(f"`mixing` has unknown settings {unknown}; use the TLAlignConfig fields {MIXING_FIELDS}.")
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
-        raise ValueError(f"`label_smoothing` must be in [0, 1), got {smoothing!r}.")
+    check_label_smoothing(smoothing)
 
 
 def model_card(
