@@ -15,8 +15,8 @@ from transformers.utils import logging
 
 from .collator import PATCH_SEQUENCE_KEYS, TLAlignCollator
 from .config import TLAlignConfig, as_tl_align_config
+from .contract import MIXING_KEYS
 from .losses import alignment_metrics, mixed_batch_loss
-from .mixer import MIXING_KEYS
 from .models import as_parent_class, to_tl_align
 from .settings import MixingSettings
 from .support.checkpoints import TrainingRecord, check_one_run_per_launch, check_writable, recorded_training
