@@ -8,6 +8,7 @@ the `tl_align_hf.support` subpackage, whose `__all__` lists its documented helpe
 
 import importlib.util
 
+from ._version import __version__ as __version__
 from .aligner import TokenLabelAligner
 from .attention import ATTENTION_PATHS
 from .collator import TLAlignCollator
@@ -37,8 +38,6 @@ from .models import (
 from .settings import MixingSettings
 from .support.model_card import push_checkpoint_to_hub, tl_align_model_card
 from .trainer import TLAlignTrainer
-
-__version__ = "0.2.0"
 
 __all__ = [
     "ATTENTION_PATHS",

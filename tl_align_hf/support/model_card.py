@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.modelcard import TrainingSummary, make_markdown_table
 
+from .._version import __version__
 from ..config import as_tl_align_config
 from ..settings import MixingSettings, check_label_smoothing
 
@@ -111,7 +112,6 @@ def model_card(
     Raises:
         ValueError: `mixing` has a key that is not a mixing field, or `label_smoothing` is outside [0, 1).
     """
-    from .. import __version__  # not at the top: the package imports this module before it sets its version
     recorded = tl_align is not None
     if recorded:
         _check_settings(mixing or {}, label_smoothing)
