@@ -77,12 +77,23 @@ def aligned_output_class(parent: type[PreTrainedModel]) -> type[ModelOutput]:
     if output_class is None:
         raise TypeError(f"{parent.__name__}.forward must be annotated with its ModelOutput class, got {annotation!r}.")
     name = f"TLAlign{output_class.__name__}"
-    if name not in globals():
+    if name not in _ALIGNED_OUTPUT_CLASSES:
         aligned_lam = ("aligned_lam", torch.FloatTensor | None, dataclasses.field(default=None))
         namespace = {"__module__": __name__}
-        globals()[name] = dataclasses.make_dataclass(name, [aligned_lam], bases=(output_class,), namespace=namespace)
-        globals()[name].__doc__ = f"`{output_class.__name__}` plus ``aligned_lam`` `(B,)`: the aligned share of each sample's own label."
-    return globals()[name]
+        aligned = dataclasses.make_dataclass(name, [aligned_lam], bases=(output_class,), namespace=namespace)
+        aligned.__doc__ = f"`{output_class.__name__}` plus ``aligned_lam`` `(B,)`: the aligned share of each sample's own label."
+        _ALIGNED_OUTPUT_CLASSES[name] = aligned
+    return _ALIGNED_OUTPUT_CLASSES[name]
+
+
+_ALIGNED_OUTPUT_CLASSES: dict[str, type[ModelOutput]] = {}  # made by `aligned_output_class`, by name
+
+
+def __getattr__(name: str):
+    """The aligned output classes as attributes of this module, where pickle looks them up (their `__module__`)."""
+    if name in _ALIGNED_OUTPUT_CLASSES:
+        return _ALIGNED_OUTPUT_CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _aligned_forward_of(parent_forward):
