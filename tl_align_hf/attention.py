@@ -39,6 +39,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torch_flex_attn_available
 
 from .aligner import TokenLabelAligner
+from .widened_projections import WidenedLayout, install_widened_projections, widened_layout
 
 if is_torch_flex_attn_available():
     from torch.nn.attention.flex_attention import BlockMask, create_mask
@@ -110,12 +111,15 @@ def is_interface_attention(module: torch.nn.Module) -> bool:
 
 
 def route_attention(model: torch.nn.Module) -> int:
-    """Give every interface attention module of ``model`` a :class:`RoutedConfig` view (once); return how many."""
+    """Give every interface attention module of ``model`` a :class:`RoutedConfig` view (once), and, where its
+    projections qualify, widenable projections for the value channel (:mod:`tl_align_hf.widened_projections`,
+    undone by :func:`~tl_align_hf.widened_projections.restore_projections`); return how many modules."""
     routed = 0
     for module in model.modules():
         if is_interface_attention(module):
             if not isinstance(module.config, RoutedConfig):
                 module.config = RoutedConfig(module.config, _eager_attention_of(module))
+            install_widened_projections(module, value_channel_layout)
             routed += 1
     return routed
 
@@ -249,6 +253,18 @@ def dropout_free_probabilities(
         return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
+def _num_share_channels(dtype: torch.dtype) -> int:
+    """How many value channels carry the shares through a kernel of ``dtype`` (:func:`_share_channels`)."""
+    return 1 if dtype in (torch.float32, torch.float64) else 2
+
+
+def _value_channel_width(head_dim: int, num_share_channels: int, device_type: str) -> int:
+    """The head dim of query, key and value on the value-channel path: ``head_dim + num_share_channels``, rounded up
+    to the channel multiple the device's fused kernels accept."""
+    multiple = _CHANNEL_MULTIPLE.get(device_type, _ACCELERATOR_CHANNEL_MULTIPLE)
+    return -(-(head_dim + num_share_channels) // multiple) * multiple
+
+
 def _share_channels(shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`(B, N)` float32 shares as the value channels that carry them through a kernel of `dtype`: `(B, N, K)`.
 
@@ -257,7 +273,7 @@ def _share_channels(shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (bf16 alone keeps 8 bits: a share of 0.3 would become 0.30078); their outputs are summed in float32.
     """
     shares = shares.detach().float()
-    if dtype == torch.float32 or dtype == torch.float64:
+    if _num_share_channels(dtype) == 1:
         return shares.to(dtype)[..., None]
     high = shares.to(dtype)
     return torch.stack([high, (shares - high.float()).to(dtype)], dim=-1)
@@ -269,15 +285,80 @@ def _widened(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return tensor if missing == 0 else torch.cat([tensor, tensor.new_zeros(*tensor.shape[:-1], missing)], dim=-1)
 
 
+def _attended_from_channels(share_output: torch.Tensor) -> torch.Tensor:
+    """`(B, N, H, K)` outputs of the share channels -> `(B, N)` attended shares: summed in float32 (the high and low
+    parts), averaged over heads, the centring undone."""
+    return share_output.detach().float().sum(dim=-1).mean(dim=-1) + 0.5
+
+
+def value_channel_layout(module: torch.nn.Module, args: tuple, kwargs: dict) -> WidenedLayout | None:
+    """Before a call of an attention module with widenable projections: the layout of its query, key and value when
+    the call is aligned and will take the value-channel path, else ``None`` (the module runs as it is).
+
+    The path is resolved as :func:`attention_with_shares` resolves it, with the attention dropout the module will
+    pass (``attention_dropout`` or, in CLIP and SigLIP, ``dropout``, in training); a module with neither keeps the
+    copy-based value channel. The number of share channels follows the dtype the value projection will return
+    (autocast's when it is on).
+    """
+    aligner = kwargs.get("token_label_aligner") or getattr(module, ALIGNER_ATTRIBUTE, None)
+    config = getattr(module, "config", None)
+    if aligner is None or not isinstance(config, RoutedConfig):
+        return None
+    dropout = next((getattr(module, name) for name in ("attention_dropout", "dropout") if hasattr(module, name)), None)
+    if not isinstance(dropout, int | float):
+        return None
+    backend = "eager" if (config.tl_align_config._attn_implementation or "eager") == "eager" else "fused"
+    if choose_path(aligner.attention_path, backend, dropout if module.training else 0.0) != "value_channel":
+        return None
+    weight = module.q_proj.weight
+    device_type = weight.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    num_share_channels = _num_share_channels(dtype)
+    head_dim = module.head_dim
+    width = _value_channel_width(head_dim, num_share_channels, device_type)
+    return WidenedLayout(weight.shape[0] // head_dim, head_dim, width - head_dim, num_share_channels)
+
+
+def _value_channel_in_widened_projections(
+    base_function: Callable, module, query, key, value, attention_mask, shares, layout: WidenedLayout, **call
+):
+    """The value channel on query, key and value that the module's projections widened already (`(B, H, N, W)`,
+    zeros in each head's extra channels): the share channels are written into the value's, and the output keeps
+    its width `(B, N, H, W)` for the widened output projection. Returns output, weights and `(B, N)` attended shares.
+    """
+    channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K), centred as in value_channel_attention
+    num_channels = channels.shape[-1]
+    if num_channels > layout.extra:
+        raise RuntimeError(
+            f"The widened projections left {layout.extra} extra channel(s) per head for the shares, but values of "
+            f"{value.dtype} need {num_channels}. Call `tl_align_hf.widened_projections.restore_projections(model)` "
+            "to use the copy-based value channel, and report this."
+        )
+    # Not seen by autograd: no gradient reaches the extra channels (the output projection's columns there are zero).
+    value.detach()[..., layout.head_dim : layout.head_dim + num_channels].copy_(channels[:, None])
+    output, weights = base_function(module, query, key, value, attention_mask, **call)
+    attended = _attended_from_channels(output[..., layout.head_dim : layout.head_dim + num_channels])
+    return output, weights, attended
+
+
 def value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, shares, *, dropout, scaling, **kwargs):
-    """Run the backend once on values widened by share channels; return output, weights and `(B, N)` attended shares."""
+    """Run the backend once on values widened by share channels; return output, weights and `(B, N)` attended shares.
+
+    Where the module's projections produced query, key and value widened already (an aligned call of a module with
+    :mod:`~tl_align_hf.widened_projections`), nothing is copied; otherwise (the fallback) they are widened here.
+    """
+    layout = widened_layout(module)
+    if layout is not None:
+        call = dict(dropout=dropout, scaling=scaling, **kwargs)
+        return _value_channel_in_widened_projections(
+            base_function, module, query, key, value, attention_mask, shares, layout, **call
+        )
     batch_size, num_heads, num_tokens, head_dim = value.shape
     # Centred at 1/2: attention rows sum to 1, so P @ (s - 1/2) + 1/2 = P @ s, and values within [-1/2, 1/2] halve
     # the rounding of the kernel's (bf16 / fp16) output channel.
     channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K)
     num_channels = channels.shape[-1]
-    multiple = _CHANNEL_MULTIPLE.get(value.device.type, _ACCELERATOR_CHANNEL_MULTIPLE)
-    padded_dim = -(-(head_dim + num_channels) // multiple) * multiple
+    padded_dim = _value_channel_width(head_dim, num_channels, value.device.type)
     share_values = channels[:, None].expand(batch_size, num_heads, num_tokens, num_channels)
     # Zero channels on query and key leave QK^T unchanged and keep all three head dims equal (the kernels need it).
     # `cat` with a small zero block, not `pad`: padding fills the whole widened tensor before copying into it.
@@ -287,9 +368,7 @@ def value_channel_attention(base_function: Callable, module, query, key, value, 
     # output is (B, N, H, padded_dim). `split`, not slicing: the gradient of a slice is a zero-filled tensor of the
     # whole width, that of a split only the (zero) gradient of the share channels next to the output's own.
     output, share_output, _ = output.split([head_dim, num_channels, padded_dim - head_dim - num_channels], dim=-1)
-    # sum the share channels in float32, then average over heads
-    attended = share_output.detach().float().sum(dim=-1).mean(dim=-1) + 0.5
-    return output, weights, attended
+    return output, weights, _attended_from_channels(share_output)
 
 
 def attention_with_shares(
@@ -317,7 +396,10 @@ def attention_with_shares(
     Returns:
         The attention output and the weights the base backend returns (``None`` for fused backends).
     """
-    path = choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout)
+    if widened_layout(module) is not None:  # resolved before the module's projections ran (value_channel_layout)
+        path = "value_channel"
+    else:
+        path = choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout)
     if aligner.closed:
         # Recomputed for gradient checkpointing: same path, so the same output, but the shares are final already
         # (and, in models that merge tokens, no longer of this block's size); the share channel is ignored.
@@ -373,9 +455,11 @@ def aligned_attention_forward(
         token_label_aligner = getattr(module, ALIGNER_ATTRIBUTE, None)
     if token_label_aligner is None:
         return base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if scaling is None:  # the module's own head dim, also when its projections widened query and key
+        layout = widened_layout(module)
+        scaling = (query.shape[-1] if layout is None else layout.head_dim) ** -0.5
     return attention_with_shares(
-        token_label_aligner, module, query, key, value, attention_mask, dropout,
-        query.shape[-1] ** -0.5 if scaling is None else scaling,
+        token_label_aligner, module, query, key, value, attention_mask, dropout, scaling,
         base_function=base_function,
         eager_function=module.config.tl_align_eager_attention,
         base_is_eager=base_implementation == "eager",
