@@ -11,9 +11,15 @@ the block and hands it to the aligner, on one of three paths:
 
 - ``"eager"``: the model's own eager attention, whose attention probabilities are reused. The default with the
   eager backend.
-- ``"value_channel"``: the shares are appended to the values as extra channels (query, key and value zero-padded
-  to a multiple of 8 channels), so the backend's fused kernel computes them and no ``N x N`` matrix is ever
-  materialised (docs/algorithm.md). The default with a fused backend (SDPA, flash...), on the CPU as on accelerators.
+- ``"value_channel"``: the shares are appended to the values as extra channels (query and key get zero channels
+  so that all three head dims are equal: one more channel on the CPU, up to a multiple of 8 on accelerators), so
+  the backend's fused kernel computes them and no ``N x N`` matrix is ever materialised (docs/algorithm.md). The
+  default with a fused backend (SDPA, flash...), on the CPU as on accelerators. In attention modules shaped like
+  Llama's (ViT, DeiT, DINOv2, BEiT, CLIP, SigLIP, Swin...), the module's own projections produce query, key and
+  value already widened for the call (:mod:`tl_align_hf.widened_projections`, installed by
+  :func:`route_attention`): only the share channels are written, nothing is copied. Elsewhere (Data2Vec-Vision,
+  timm, projections wrapped by peft, or after
+  :func:`~tl_align_hf.widened_projections.restore_projections`) query, key and value are widened here by copies.
 - ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
   whenever attention dropout is active, because the shares must not see dropout.
 
