@@ -19,8 +19,6 @@ Variants (`--variants`; the first is the baseline of the ratios):
     tl-align-sdpa-explicit  TL-Align with SDPA selected, forced "explicit" path (SDPA for the output, the
                             probabilities recomputed beside it without gradient)
     tl-align-value-channel  TL-Align with SDPA selected, forced "value_channel" path (shares as extra value channels)
-    tl-align-value-channel-copies  the same, with query, key and value widened by copies instead of by the
-                            projections (`restore_projections` for the step; the fallback of modules of other shapes)
     tl-align-eager          TL-Align, eager attention
     official                eager attention, (B, N, C) label vectors propagated through every block, C = 1000
                             (DeiT only: the official code has no Swin path)
@@ -47,7 +45,6 @@ from tl_align_hf import (
     mixed_batch_loss,
     mixing_loss,
 )
-from tl_align_hf.widened_projections import restore_projections
 
 # name: (title, aligned class, config class, config values); image_size and num_labels are added
 CONFIGS = {
@@ -122,7 +119,6 @@ VARIANTS = {
     "tl-align-sdpa-eager": ("sdpa", "eager"),
     "tl-align-sdpa-explicit": ("sdpa", "explicit"),
     "tl-align-value-channel": ("sdpa", "value_channel"),
-    "tl-align-value-channel-copies": ("sdpa", "value_channel"),
     "tl-align-eager": ("eager", "auto"),
     "official": ("eager", None),
 }
@@ -146,8 +142,6 @@ def step(models: dict, optimizer, batch: dict, variant: str, autocast) -> None:
     if model.config._attn_implementation != backend:
         set_backend(getattr(model, "_orig_mod", model), backend)
     mixing = {key: batch[key] for key in ("mix_index", "token_weights", "mix_lam")}
-    if variant == "tl-align-value-channel-copies":
-        restore_projections(model)  # widened again by `tl_align_route_attention` below, after the backward pass
     with autocast():
         if path is not None:
             getattr(model, "_orig_mod", model).tl_align_attention_path = path
@@ -162,8 +156,6 @@ def step(models: dict, optimizer, batch: dict, variant: str, autocast) -> None:
             logits = model(pixel_values=batch["pixel_values"]).logits
             loss = mixing_loss(logits, batch["labels"], batch["mix_index"], batch["mix_lam"], 0.1)
     loss.backward()
-    if variant == "tl-align-value-channel-copies":
-        model.tl_align_route_attention()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -136,3 +136,24 @@ def test_widened_path_under_cpu_autocast_uses_two_share_channels_and_stays_close
     float32_lam = model(batch["pixel_values"], **_mixing(batch)).aligned_lam
     assert (autocast_lam - float32_lam).abs().max() <= max(2 * (copied_lam - float32_lam).abs().max(), 1e-3)
 
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_the_widened_blocks(use_reentrant):
+    """The recomputed blocks are widened again (closed aligner: zero share channels), so outputs and gradients equal
+    those without checkpointing, and each block updates the shares once."""
+    batch = _grid_batch(tiny_model(ViTForImageClassification).config, "fractional")
+    results = []
+    for checkpointing in (False, True):
+        model = aligned_copy(tiny_model(ViTForImageClassification, "sdpa")).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        widths = _record_value_widths(model)
+        outputs, gradients = _loss_and_gradients(model, batch)
+        results.append((outputs.aligned_lam, gradients))
+    assert set(widths) == {model.config.hidden_size + model.config.num_attention_heads}
+    assert len(widths) == 2 * model.config.num_hidden_layers  # forward, and the recomputation in backward
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    assert results[1][1].keys() == results[0][1].keys()
+    for name, gradient in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], gradient, rtol=1e-5, atol=1e-6, msg=name)

@@ -65,11 +65,11 @@ class _WidenedRowsLinear(torch.nn.Linear):
         if layout is None:
             return super().forward(input)
         num_heads, head_dim, extra, _ = layout
-        weight = self.weight.view(num_heads, head_dim, -1)
+        weight = self.weight.reshape(num_heads, head_dim, -1)
         weight = torch.cat([weight, weight.new_zeros(num_heads, extra, weight.shape[-1])], dim=1).flatten(0, 1)
         bias = self.bias
         if bias is not None:
-            bias = bias.view(num_heads, head_dim)
+            bias = bias.reshape(num_heads, head_dim)
             bias = torch.cat([bias, bias.new_zeros(num_heads, extra)], dim=1).flatten()
         return F.linear(input, weight, bias)
 
@@ -85,7 +85,7 @@ class _WidenedColumnsLinear(torch.nn.Linear):
         if layout is None:
             return super().forward(input)
         num_heads, head_dim, extra, _ = layout
-        weight = self.weight.view(-1, num_heads, head_dim)
+        weight = self.weight.reshape(-1, num_heads, head_dim)
         weight = torch.cat([weight, weight.new_zeros(weight.shape[0], num_heads, extra)], dim=2).flatten(1)
         return F.linear(input, weight, self.bias)
 
