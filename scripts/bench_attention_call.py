@@ -36,7 +36,7 @@ from transformers.models.vit.modeling_vit import ViTAttention
 
 from tl_align_hf import TokenLabelAligner
 from tl_align_hf.attention import route_attention
-from tl_align_hf.widened_projections import restore_projections
+from tl_align_hf.value_channel import restore_projections
 
 
 def make_variants(batch: int, heads: int, tokens: int, head_dim: int) -> dict:

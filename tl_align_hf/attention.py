@@ -16,10 +16,10 @@ the block and hands it to the aligner, on one of three paths:
   the backend's fused kernel computes them and no ``N x N`` matrix is ever materialised (docs/algorithm.md). The
   default with a fused backend (SDPA, flash...), on the CPU as on accelerators. In attention modules shaped like
   Llama's (ViT, DeiT, DINOv2, BEiT, CLIP, SigLIP, Swin...), the module's own projections produce query, key and
-  value already widened for the call (:mod:`tl_align_hf.widened_projections`, installed by
+  value already widened for the call (:mod:`tl_align_hf.value_channel`, installed by
   :func:`route_attention`): only the share channels are written, nothing is copied. Elsewhere (Data2Vec-Vision,
   timm, projections wrapped by peft, or after
-  :func:`~tl_align_hf.widened_projections.restore_projections`) query, key and value are widened here by copies.
+  :func:`~tl_align_hf.value_channel.restore_projections`) query, key and value are widened by copies.
 - ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
   whenever attention dropout is active, because the shares must not see dropout.
 
@@ -45,7 +45,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torch_flex_attn_available
 
 from .aligner import TokenLabelAligner
-from .widened_projections import WidenedLayout, install_widened_projections, widened_layout
+from .value_channel import (
+    WidenedLayout,
+    install_widened_projections,
+    num_share_channels,
+    value_channel_attention,
+    value_channel_width,
+    widened_layout,
+)
 
 if is_torch_flex_attn_available():
     from torch.nn.attention.flex_attention import BlockMask, create_mask
@@ -54,10 +61,6 @@ else:  # torch < 2.5: no flex attention, so no block masks to meet
 
 ROUTE_PREFIX = "tl_align_"
 ATTENTION_PATHS = ("auto", "eager", "value_channel", "explicit")
-# Head dims the fused kernels accept: a multiple of 8 on accelerators (flash / memory-efficient kernels); any on the
-# CPU, whose flash kernel tiles the head dim itself, so the value channel adds one channel there instead of eight.
-_CHANNEL_MULTIPLE = {"cpu": 1}
-_ACCELERATOR_CHANNEL_MULTIPLE = 8
 ALIGNER_ATTRIBUTE = "_tl_align_aligner"  # where pass_aligner_through keeps the aligner during an attention call
 
 
@@ -118,8 +121,8 @@ def is_interface_attention(module: torch.nn.Module) -> bool:
 
 def route_attention(model: torch.nn.Module) -> int:
     """Give every interface attention module of ``model`` a :class:`RoutedConfig` view (once), and, where its
-    projections qualify, widenable projections for the value channel (:mod:`tl_align_hf.widened_projections`,
-    undone by :func:`~tl_align_hf.widened_projections.restore_projections`); return how many modules."""
+    projections qualify, widenable projections for the value channel (:mod:`tl_align_hf.value_channel`,
+    undone by :func:`~tl_align_hf.value_channel.restore_projections`); return how many modules."""
     routed = 0
     for module in model.modules():
         if is_interface_attention(module):
@@ -259,44 +262,6 @@ def dropout_free_probabilities(
         return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
-def _num_share_channels(dtype: torch.dtype) -> int:
-    """How many value channels carry the shares through a kernel of ``dtype`` (:func:`_share_channels`)."""
-    return 1 if dtype in (torch.float32, torch.float64) else 2
-
-
-def _value_channel_width(head_dim: int, num_share_channels: int, device_type: str) -> int:
-    """The head dim of query, key and value on the value-channel path: ``head_dim + num_share_channels``, rounded up
-    to the channel multiple the device's fused kernels accept."""
-    multiple = _CHANNEL_MULTIPLE.get(device_type, _ACCELERATOR_CHANNEL_MULTIPLE)
-    return -(-(head_dim + num_share_channels) // multiple) * multiple
-
-
-def _share_channels(shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`(B, N)` float32 shares as the value channels that carry them through a kernel of `dtype`: `(B, N, K)`.
-
-    In float32, one channel (the shares). In bf16 / fp16, two: ``hi = shares`` rounded to `dtype` and the rest
-    ``lo = shares - hi``, also in `dtype`, so that the kernel sees the shares to about twice `dtype`'s precision
-    (bf16 alone keeps 8 bits: a share of 0.3 would become 0.30078); their outputs are summed in float32.
-    """
-    shares = shares.detach().float()
-    if _num_share_channels(dtype) == 1:
-        return shares.to(dtype)[..., None]
-    high = shares.to(dtype)
-    return torch.stack([high, (shares - high.float()).to(dtype)], dim=-1)
-
-
-def _widened(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """`tensor` with zero channels appended up to `width` (a copy; the input itself when it has that width)."""
-    missing = width - tensor.shape[-1]
-    return tensor if missing == 0 else torch.cat([tensor, tensor.new_zeros(*tensor.shape[:-1], missing)], dim=-1)
-
-
-def _attended_from_channels(share_output: torch.Tensor) -> torch.Tensor:
-    """`(B, N, H, K)` outputs of the share channels -> `(B, N)` attended shares: summed in float32 (the high and low
-    parts), averaged over heads, the centring undone."""
-    return share_output.detach().float().sum(dim=-1).mean(dim=-1) + 0.5
-
-
 def value_channel_layout(module: torch.nn.Module, args: tuple, kwargs: dict) -> WidenedLayout | None:
     """Before a call of an attention module with widenable projections: the layout of its query, key and value when
     the call is aligned and will take the value-channel path, else ``None`` (the module runs as it is).
@@ -319,62 +284,10 @@ def value_channel_layout(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
     weight = module.q_proj.weight
     device_type = weight.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    num_share_channels = _num_share_channels(dtype)
+    share_channels = num_share_channels(dtype)
     head_dim = module.head_dim
-    width = _value_channel_width(head_dim, num_share_channels, device_type)
-    return WidenedLayout(weight.shape[0] // head_dim, head_dim, width - head_dim, num_share_channels)
-
-
-def _value_channel_in_widened_projections(
-    base_function: Callable, module, query, key, value, attention_mask, shares, layout: WidenedLayout, **call
-):
-    """The value channel on query, key and value that the module's projections widened already (`(B, H, N, W)`,
-    zeros in each head's extra channels): the share channels are written into the value's, and the output keeps
-    its width `(B, N, H, W)` for the widened output projection. Returns output, weights and `(B, N)` attended shares.
-    """
-    channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K), centred as in value_channel_attention
-    num_channels = channels.shape[-1]
-    if num_channels > layout.extra:
-        raise RuntimeError(
-            f"The widened projections left {layout.extra} extra channel(s) per head for the shares, but values of "
-            f"{value.dtype} need {num_channels}. Call `tl_align_hf.widened_projections.restore_projections(model)` "
-            "to use the copy-based value channel, and report this."
-        )
-    # Not seen by autograd: no gradient reaches the extra channels (the output projection's columns there are zero).
-    value.detach()[..., layout.head_dim : layout.head_dim + num_channels].copy_(channels[:, None])
-    output, weights = base_function(module, query, key, value, attention_mask, **call)
-    attended = _attended_from_channels(output[..., layout.head_dim : layout.head_dim + num_channels])
-    return output, weights, attended
-
-
-def value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, shares, *, dropout, scaling, **kwargs):
-    """Run the backend once on values widened by share channels; return output, weights and `(B, N)` attended shares.
-
-    Where the module's projections produced query, key and value widened already (an aligned call of a module with
-    :mod:`~tl_align_hf.widened_projections`), nothing is copied; otherwise (the fallback) they are widened here.
-    """
-    layout = widened_layout(module)
-    if layout is not None:
-        call = dict(dropout=dropout, scaling=scaling, **kwargs)
-        return _value_channel_in_widened_projections(
-            base_function, module, query, key, value, attention_mask, shares, layout, **call
-        )
-    batch_size, num_heads, num_tokens, head_dim = value.shape
-    # Centred at 1/2: attention rows sum to 1, so P @ (s - 1/2) + 1/2 = P @ s, and values within [-1/2, 1/2] halve
-    # the rounding of the kernel's (bf16 / fp16) output channel.
-    channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K)
-    num_channels = channels.shape[-1]
-    padded_dim = _value_channel_width(head_dim, num_channels, value.device.type)
-    share_values = channels[:, None].expand(batch_size, num_heads, num_tokens, num_channels)
-    # Zero channels on query and key leave QK^T unchanged and keep all three head dims equal (the kernels need it).
-    # `cat` with a small zero block, not `pad`: padding fills the whole widened tensor before copying into it.
-    value = _widened(torch.cat([value, share_values], dim=-1), padded_dim)
-    query, key = _widened(query, padded_dim), _widened(key, padded_dim)
-    output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    # output is (B, N, H, padded_dim). `split`, not slicing: the gradient of a slice is a zero-filled tensor of the
-    # whole width, that of a split only the (zero) gradient of the share channels next to the output's own.
-    output, share_output, _ = output.split([head_dim, num_channels, padded_dim - head_dim - num_channels], dim=-1)
-    return output, weights, _attended_from_channels(share_output)
+    width = value_channel_width(head_dim, share_channels, device_type)
+    return WidenedLayout(weight.shape[0] // head_dim, head_dim, width - head_dim, share_channels)
 
 
 def attention_with_shares(

@@ -1,4 +1,4 @@
-"""The value channel through widened projections (tl_align_hf/widened_projections.py): the same outputs and
+"""The value channel through widened projections (tl_align_hf/value_channel.py): the same outputs and
 gradients as the copy-based value channel, active only for aligned value-channel calls, undone by
 `restore_projections`, and off for projections peft replaced."""
 
@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DeiTForImageClassification, ViTForImageClassification
 
 from tl_align_hf import to_tl_align
-from tl_align_hf.widened_projections import INPUT_PROJECTIONS, WIDENED_ATTRIBUTE, restore_projections
+from tl_align_hf.value_channel import INPUT_PROJECTIONS, WIDENED_ATTRIBUTE, restore_projections
 
 from .test_families import _grid_batch, _mixing, tiny_family_model
 from .tiny_models import aligned_copy, tiny_model
