@@ -157,3 +157,19 @@ def test_gradient_checkpointing_recomputes_the_widened_blocks(use_reentrant):
     assert results[1][1].keys() == results[0][1].keys()
     for name, gradient in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], gradient, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widened_width_is_a_multiple_of_8_off_the_cpu(dtype):
+    """Off the CPU the fused kernels take head dims in multiples of 8: the projections widen head dim 8 to 16, with
+    one (float32) or two (bf16) share channels. Shapes only: the model runs on the meta device."""
+    model = aligned_copy(tiny_model(ViTForImageClassification, "sdpa")).to("meta", dtype)
+    batch = {key: value.to("meta") for key, value in _grid_batch(model.config, "fractional").items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    layouts = []
+    for module in _attention_modules(model):
+        module.v_proj.register_forward_hook(lambda layer, args, output: layouts.append(layer.tl_align_layout))
+    outputs = model(batch["pixel_values"], **_mixing(batch))
+    assert outputs.aligned_lam.shape == (batch["pixel_values"].shape[0],)
+    share_channels = 1 if dtype == torch.float32 else 2
+    assert set(layouts) == {(model.config.num_attention_heads, 8, 8, share_channels)}

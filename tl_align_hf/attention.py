@@ -283,7 +283,8 @@ def value_channel_layout(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
         return None
     weight = module.q_proj.weight
     device_type = weight.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
     share_channels = num_share_channels(dtype)
     head_dim = module.head_dim
     width = value_channel_width(head_dim, share_channels, device_type)
