@@ -8,6 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DeiTForImageClassification, ViTForImageClassification
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit.modeling_vit import ViTAttention, eager_attention_forward
 
 from tl_align_hf import to_tl_align
 from tl_align_hf.value_channel import INPUT_PROJECTIONS, WIDENED_ATTRIBUTE, restore_projections
@@ -173,3 +175,32 @@ def test_widened_width_is_a_multiple_of_8_off_the_cpu(dtype):
     assert outputs.aligned_lam.shape == (batch["pixel_values"].shape[0],)
     share_channels = 1 if dtype == torch.float32 else 2
     assert set(layouts) == {(model.config.num_attention_heads, 8, 8, share_channels)}
+
+
+class _HeadSizeFromConfigAttention(ViTAttention):
+    """A Llama-shaped module that splits its heads by a size read from the config, not by `head_dim`: the widened
+    projections' 8 heads of 9 channels would reach its attention as 9 heads of 8."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.config.hidden_size // self.config.num_attention_heads)
+        query, key, value = (
+            projection(hidden_states).view(hidden_shape).transpose(1, 2)
+            for projection in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling, **kwargs)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+
+def test_raises_error_when_module_splits_heads_without_head_dim():
+    """Not a silent wrong result: the attention function checks the heads and width it receives."""
+    model = aligned_copy(tiny_model(ViTForImageClassification, "sdpa", hidden_size=64, num_attention_heads=8))
+    for module in _attention_modules(model):
+        module.__class__ = _HeadSizeFromConfigAttention
+    batch = _grid_batch(model.config, "fractional")
+    model(batch["pixel_values"])  # plain calls are the module's own
+    with pytest.raises(RuntimeError, match=r"8 heads of 9 channels.*restore_projections"):
+        model(batch["pixel_values"], **_mixing(batch))
+    restore_projections(model)
+    assert model(batch["pixel_values"], **_mixing(batch)).aligned_lam.shape == (batch["pixel_values"].shape[0],)

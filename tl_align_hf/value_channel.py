@@ -109,11 +109,14 @@ def _value_channel_in_widened_projections(
     """
     channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K), centred as in value_channel_attention
     num_channels = channels.shape[-1]
-    if num_channels > layout.extra:
+    expected = (layout.num_heads, layout.head_dim + layout.extra)
+    if (value.shape[1], value.shape[-1]) != expected or num_channels > layout.extra:
+        # a module whose forward splits the heads by something else than its `head_dim`, or an unforeseen dtype
         raise RuntimeError(
-            f"The widened projections left {layout.extra} extra channel(s) per head for the shares, but values of "
-            f"{value.dtype} need {num_channels}. Call `tl_align_hf.value_channel.restore_projections(model)` "
-            "to use the copy-based value channel, and report this."
+            f"{type(module).__name__}'s widened projections should give {expected[0]} heads of {expected[1]} channels "
+            f"with room for {num_channels} share channel(s), but its attention received values of shape "
+            f"{tuple(value.shape)} ({value.dtype}). Call `tl_align_hf.value_channel.restore_projections(model)` to "
+            "use the copy-based value channel for this model."
         )
     # Not seen by autograd: no gradient reaches the extra channels (the output projection's columns there are zero).
     value.detach()[..., layout.head_dim : layout.head_dim + num_channels].copy_(channels[:, None])
