@@ -121,6 +121,8 @@ def test_lora_projections_fall_back_to_copy_path_and_match_widened():
     assert set(widths) == {model.config.hidden_size + model.config.num_attention_heads}  # merged: widened again
     torch.testing.assert_close(lora_outputs.logits, merged_outputs.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lora_outputs.aligned_lam, merged_outputs.aligned_lam, rtol=1e-5, atol=1e-5)
+    assert restore_projections(peft_model) == model.config.num_hidden_layers  # also inside the lora layers
+    assert {type(layer) for layer in peft_model.modules() if isinstance(layer, torch.nn.Linear)} == {torch.nn.Linear}
 
 
 def test_widened_path_under_cpu_autocast_uses_two_share_channels_and_stays_close_to_reference():

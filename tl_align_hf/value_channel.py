@@ -276,20 +276,18 @@ def install_widened_projections(
 
 def restore_projections(model: torch.nn.Module) -> int:
     """Undo :func:`install_widened_projections` on every module of ``model``: the hooks are removed and the
-    projections are plain ``torch.nn.Linear`` again (same parameters); return how many modules were restored.
-    The value channel then copies query, key and value (the fallback path)."""
+    projections are plain ``torch.nn.Linear`` again (same parameters), also where peft has wrapped them since (its
+    ``base_layer``); return how many attention modules were restored. The value channel then copies query, key and
+    value (the fallback path)."""
     restored = 0
     for module in model.modules():
-        hooks = getattr(module, _HOOKS_ATTRIBUTE, None)
-        if hooks is None:
-            continue
-        for hook in hooks:
-            hook.remove()
-        for child in module.children():
-            if type(child) in _WIDENED_CLASSES:
-                child.__class__ = torch.nn.Linear
-                child.__dict__.pop("tl_align_layout", None)
-        delattr(module, _HOOKS_ATTRIBUTE)
-        delattr(module, WIDENED_ATTRIBUTE)
-        restored += 1
+        if type(module) in _WIDENED_CLASSES:
+            module.__class__ = torch.nn.Linear
+            module.__dict__.pop("tl_align_layout", None)
+        hooks = module.__dict__.pop(_HOOKS_ATTRIBUTE, None)
+        if hooks is not None:
+            for hook in hooks:
+                hook.remove()
+            module.__dict__.pop(WIDENED_ATTRIBUTE, None)
+            restored += 1
     return restored
