@@ -11,9 +11,15 @@ the block and hands it to the aligner, on one of three paths:
 
 - ``"eager"``: the model's own eager attention, whose attention probabilities are reused. The default with the
   eager backend.
-- ``"value_channel"``: the shares are appended to the values as extra channels (query, key and value zero-padded
-  to a multiple of 8 channels), so the backend's fused kernel computes them and no ``N x N`` matrix is ever
-  materialised (docs/algorithm.md). The default with a fused backend (SDPA, flash...), on the CPU as on accelerators.
+- ``"value_channel"``: the shares are appended to the values as extra channels (query and key get zero channels
+  so that all three head dims are equal: one more channel on the CPU, up to a multiple of 8 on accelerators), so
+  the backend's fused kernel computes them and no ``N x N`` matrix is ever materialised (docs/algorithm.md). The
+  default with a fused backend (SDPA, flash...), on the CPU as on accelerators. In attention modules shaped like
+  Llama's (ViT, DeiT, DINOv2, BEiT, CLIP, SigLIP, Swin...), the module's own projections produce query, key and
+  value already widened for the call (:mod:`tl_align_hf.value_channel`, installed by
+  :func:`route_attention`): only the share channels are written, nothing is copied. Elsewhere (Data2Vec-Vision,
+  timm, projections wrapped by peft, or after
+  :func:`~tl_align_hf.value_channel.restore_projections`) query, key and value are widened by copies.
 - ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
   whenever attention dropout is active, because the shares must not see dropout.
 
@@ -40,6 +46,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torch_flex_attn_available
 
 from .aligner import TokenLabelAligner
+from .value_channel import (
+    WidenedLayout,
+    install_widened_projections,
+    num_share_channels,
+    value_channel_attention,
+    value_channel_width,
+    widened_layout,
+)
 
 if is_torch_flex_attn_available():
     from torch.nn.attention.flex_attention import BlockMask, create_mask
@@ -48,10 +62,6 @@ else:  # torch < 2.5: no flex attention, so no block masks to meet
 
 ROUTE_PREFIX = "tl_align_"
 ATTENTION_PATHS = ("auto", "eager", "value_channel", "explicit")
-# Head dims the fused kernels accept: a multiple of 8 on accelerators (flash / memory-efficient kernels); any on the
-# CPU, whose flash kernel tiles the head dim itself, so the value channel adds one channel there instead of eight.
-_CHANNEL_MULTIPLE = {"cpu": 1}
-_ACCELERATOR_CHANNEL_MULTIPLE = 8
 ALIGNER_ATTRIBUTE = "_tl_align_aligner"  # where pass_aligner_through keeps the aligner during an attention call
 
 
@@ -111,12 +121,15 @@ def is_interface_attention(module: torch.nn.Module) -> bool:
 
 
 def route_attention(model: torch.nn.Module) -> int:
-    """Give every interface attention module of ``model`` a :class:`RoutedConfig` view (once); return how many."""
+    """Give every interface attention module of ``model`` a :class:`RoutedConfig` view (once), and, where its
+    projections qualify, widenable projections for the value channel (:mod:`tl_align_hf.value_channel`,
+    undone by :func:`~tl_align_hf.value_channel.restore_projections`); return how many modules."""
     routed = 0
     for module in model.modules():
         if is_interface_attention(module):
             if not isinstance(module.config, RoutedConfig):
                 module.config = RoutedConfig(module.config, _eager_attention_of(module))
+            install_widened_projections(module, value_channel_layout)
             routed += 1
     return routed
 
@@ -259,47 +272,33 @@ def dropout_free_probabilities(
         return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
-def _share_channels(shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`(B, N)` float32 shares as the value channels that carry them through a kernel of `dtype`: `(B, N, K)`.
+def value_channel_layout(module: torch.nn.Module, args: tuple, kwargs: dict) -> WidenedLayout | None:
+    """Before a call of an attention module with widenable projections: the layout of its query, key and value when
+    the call is aligned and will take the value-channel path, else ``None`` (the module runs as it is).
 
-    In float32, one channel (the shares). In bf16 / fp16, two: ``hi = shares`` rounded to `dtype` and the rest
-    ``lo = shares - hi``, also in `dtype`, so that the kernel sees the shares to about twice `dtype`'s precision
-    (bf16 alone keeps 8 bits: a share of 0.3 would become 0.30078); their outputs are summed in float32.
+    The path is resolved as :func:`attention_with_shares` resolves it, with the attention dropout the module will
+    pass (``attention_dropout`` or, in CLIP and SigLIP, ``dropout``, in training); a module with neither keeps the
+    copy-based value channel. The number of share channels follows the dtype the value projection will return
+    (autocast's when it is on).
     """
-    shares = shares.detach().float()
-    if dtype == torch.float32 or dtype == torch.float64:
-        return shares.to(dtype)[..., None]
-    high = shares.to(dtype)
-    return torch.stack([high, (shares - high.float()).to(dtype)], dim=-1)
-
-
-def _widened(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """`tensor` with zero channels appended up to `width` (a copy; the input itself when it has that width)."""
-    missing = width - tensor.shape[-1]
-    return tensor if missing == 0 else torch.cat([tensor, tensor.new_zeros(*tensor.shape[:-1], missing)], dim=-1)
-
-
-def value_channel_attention(base_function: Callable, module, query, key, value, attention_mask, shares, *, dropout, scaling, **kwargs):
-    """Run the backend once on values widened by share channels; return output, weights and `(B, N)` attended shares."""
-    batch_size, num_heads, num_tokens, head_dim = value.shape
-    # Centred at 1/2: attention rows sum to 1, so P @ (s - 1/2) + 1/2 = P @ s, and values within [-1/2, 1/2] halve
-    # the rounding of the kernel's (bf16 / fp16) output channel.
-    channels = _share_channels(shares - 0.5, value.dtype)  # (B, N, K)
-    num_channels = channels.shape[-1]
-    multiple = _CHANNEL_MULTIPLE.get(value.device.type, _ACCELERATOR_CHANNEL_MULTIPLE)
-    padded_dim = -(-(head_dim + num_channels) // multiple) * multiple
-    share_values = channels[:, None].expand(batch_size, num_heads, num_tokens, num_channels)
-    # Zero channels on query and key leave QK^T unchanged and keep all three head dims equal (the kernels need it).
-    # `cat` with a small zero block, not `pad`: padding fills the whole widened tensor before copying into it.
-    value = _widened(torch.cat([value, share_values], dim=-1), padded_dim)
-    query, key = _widened(query, padded_dim), _widened(key, padded_dim)
-    output, weights = base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    # output is (B, N, H, padded_dim). `split`, not slicing: the gradient of a slice is a zero-filled tensor of the
-    # whole width, that of a split only the (zero) gradient of the share channels next to the output's own.
-    output, share_output, _ = output.split([head_dim, num_channels, padded_dim - head_dim - num_channels], dim=-1)
-    # sum the share channels in float32, then average over heads
-    attended = share_output.detach().float().sum(dim=-1).mean(dim=-1) + 0.5
-    return output, weights, attended
+    aligner = kwargs.get("token_label_aligner") or getattr(module, ALIGNER_ATTRIBUTE, None)
+    config = getattr(module, "config", None)
+    if aligner is None or not isinstance(config, RoutedConfig):
+        return None
+    dropout = next((getattr(module, name) for name in ("attention_dropout", "dropout") if hasattr(module, name)), None)
+    if not isinstance(dropout, int | float):
+        return None
+    backend = "eager" if (config.tl_align_config._attn_implementation or "eager") == "eager" else "fused"
+    if choose_path(aligner.attention_path, backend, dropout if module.training else 0.0) != "value_channel":
+        return None
+    weight = module.q_proj.weight
+    device_type = weight.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+    share_channels = num_share_channels(dtype)
+    head_dim = module.head_dim
+    width = value_channel_width(head_dim, share_channels, device_type)
+    return WidenedLayout(weight.shape[0] // head_dim, head_dim, width - head_dim, share_channels)
 
 
 def attention_with_shares(
@@ -327,7 +326,10 @@ def attention_with_shares(
     Returns:
         The attention output and the weights the base backend returns (``None`` for fused backends).
     """
-    path = choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout)
+    if widened_layout(module) is not None:  # resolved before the module's projections ran (value_channel_layout)
+        path = "value_channel"
+    else:
+        path = choose_path(aligner.attention_path, "eager" if base_is_eager else "fused", dropout)
     if aligner.closed:
         # Recomputed for gradient checkpointing: same path, so the same output, but the shares are final already
         # (and, in models that merge tokens, no longer of this block's size); the share channel is ignored.
@@ -383,9 +385,11 @@ def aligned_attention_forward(
         token_label_aligner = getattr(module, ALIGNER_ATTRIBUTE, None)
     if token_label_aligner is None:
         return base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if scaling is None:  # the module's own head dim, also when its projections widened query and key
+        layout = widened_layout(module)
+        scaling = (query.shape[-1] if layout is None else layout.head_dim) ** -0.5
     return attention_with_shares(
-        token_label_aligner, module, query, key, value, attention_mask, dropout,
-        query.shape[-1] ** -0.5 if scaling is None else scaling,
+        token_label_aligner, module, query, key, value, attention_mask, dropout, scaling,
         base_function=base_function,
         eager_function=module.config.tl_align_eager_attention,
         base_is_eager=base_implementation == "eager",
