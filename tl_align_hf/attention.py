@@ -50,6 +50,7 @@ from .value_channel import (
     WidenedLayout,
     install_widened_projections,
     num_share_channels,
+    restore_projections,
     value_channel_attention,
     value_channel_width,
     widened_layout,
@@ -136,7 +137,9 @@ def route_attention(model: torch.nn.Module) -> int:
 
 def unroute_attention(model: torch.nn.Module) -> None:
     """Undo :func:`route_attention` (and :func:`pass_aligner_through`'s attribute): every attention module of
-    ``model`` sees its own config again, and no module keeps an aligner attribute."""
+    ``model`` sees its own config again, its projections are plain ``nn.Linear`` again, and no module keeps an
+    aligner attribute."""
+    restore_projections(model)  # the widened projections route_attention installed
     for module in model.modules():
         if isinstance(getattr(module, "config", None), RoutedConfig):
             module.config = module.config.tl_align_config
