@@ -11,12 +11,10 @@ On the CPU the step tables of docs/benchmarks.md sections 2 and 6 (this was scri
     python scripts/benchmark.py --device cpu --configs tiny small --steps 10 --warmup 2
     python scripts/benchmark.py --device cpu --configs tiny --compile --variants plain-sdpa tl-align-sdpa
 
-The GPU run's code on the CPU in seconds (tiny stand-ins, float32; what tests/test_benchmark.py runs):
-
-    python scripts/benchmark.py --device cpu --smoke --no-compile --out-dir /tmp/benchmark_smoke
-
-Every run writes ``benchmark.json`` and ``benchmark.md`` (scripts/benchmark_report.py) to ``--out-dir`` and prints
-the markdown. The defaults depend on the device (see ``--help``); ``--smoke`` takes the GPU run's, on tiny configs.
+The GPU run's code on the CPU in seconds (tiny stand-ins, float32; tests/test_benchmark.py runs it):
+``python scripts/benchmark.py --device cpu --smoke --no-compile --out-dir /tmp/benchmark_smoke``. Every run
+writes ``benchmark.json`` and ``benchmark.md`` (scripts/benchmark_report.py) to ``--out-dir`` and prints the
+markdown. The defaults depend on the device (see ``--help``); ``--smoke`` takes the GPU run's, on tiny configs.
 
 A case is a model config, a batch size, compiled or not. Every variant (``VARIANTS``) has its own copy of the same
 weights (AdamW, learning rate 0) and steps (forward + backward + AdamW) on one token-grid CutMix batch in
@@ -51,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DeiTConfig, SwinConfig, Swinv2Config, TimmWrapperConfig, ViTConfig
 
 import tl_align_hf
+from tl_align_hf.value_channel import restore_projections
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loss import loss_rows  # noqa: E402  (the mixed loss at any class count)
@@ -101,12 +100,13 @@ VARIANTS = {
     "tl-align-sdpa-eager": ("sdpa", "eager"),  # forced "eager" path: the eager attention's probabilities reused
     "tl-align-sdpa-explicit": ("sdpa", "explicit"),  # forced "explicit": probabilities recomputed beside SDPA
     "tl-align-value-channel": ("sdpa", "value_channel"),  # forced: the shares as extra value channels of SDPA
+    "tl-align-value-channel-copies": ("sdpa", "value_channel"),  # the same, query/key/value widened by copies
     "tl-align-eager": ("eager", "auto"),  # eager attention, its probabilities reused
     # the parent class with output_attentions; (B, N, C) label vectors propagated L <- (L + mean_h(A_h) @ L) / 2
     # through every block (DeiT and ViT only)
     "official": ("eager", "official"),
 }
-GPU_VARIANTS = ["plain-sdpa", "tl-align-value-channel", "tl-align-eager", "official"]
+GPU_VARIANTS = ["plain-sdpa", "tl-align-value-channel", "tl-align-value-channel-copies", "tl-align-eager", "official"]
 
 
 def model_spec(name: str, smoke: bool = False, image_size: int | None = None) -> ModelSpec:
@@ -139,6 +139,8 @@ def build_model(spec: ModelSpec, variant: str) -> torch.nn.Module:
             module.fused_attn = backend == "sdpa"
     if path not in (None, "official"):
         model.tl_align_attention_path = path
+    if variant.endswith("-copies"):
+        restore_projections(model)
     return model
 
 

@@ -11,15 +11,11 @@ the block and hands it to the aligner, on one of three paths:
 
 - ``"eager"``: the model's own eager attention, whose attention probabilities are reused. The default with the
   eager backend.
-- ``"value_channel"``: the shares are appended to the values as extra channels (query and key get zero channels
-  so that all three head dims are equal: one more channel on the CPU, up to a multiple of 8 on accelerators), so
-  the backend's fused kernel computes them and no ``N x N`` matrix is ever materialised (docs/algorithm.md). The
-  default with a fused backend (SDPA, flash...), on the CPU as on accelerators. In attention modules shaped like
-  Llama's (ViT, DeiT, DINOv2, BEiT, CLIP, SigLIP, Swin...), the module's own projections produce query, key and
-  value already widened for the call (:mod:`tl_align_hf.value_channel`, installed by
-  :func:`route_attention`): only the share channels are written, nothing is copied. Elsewhere (Data2Vec-Vision,
-  timm, projections wrapped by peft, or after
-  :func:`~tl_align_hf.value_channel.restore_projections`) query, key and value are widened by copies.
+- ``"value_channel"``: the shares ride as extra value channels through the backend's fused kernel (query and key
+  get zero channels; no ``N x N`` matrix is materialised; :mod:`tl_align_hf.value_channel`, docs/algorithm.md).
+  The default with a fused backend (SDPA, flash...). In Llama-shaped attention modules (ViT, DeiT, DINOv2, BEiT,
+  CLIP, SigLIP, Swin...) the module's own projections produce the widened query, key and value (installed by
+  :func:`route_attention`); elsewhere they are widened by copies.
 - ``"explicit"``: the backend runs unchanged and the dropout-free probabilities are computed beside it. Used
   whenever attention dropout is active, because the shares must not see dropout.
 
@@ -27,9 +23,8 @@ Every path runs with every backend the parent accepts. Flex attention passes a `
 tensor; the eager and explicit paths, which compute the probabilities themselves, apply the element mask it stands
 for (:func:`block_mask_keep`). (On the CPU, torch runs flex attention forward only, for the parent as for us.)
 
-The aligner travels with the forward pass's ``**kwargs``, which transformers models hand down to the attention
-function. A few attention modules take the kwargs but do not pass them on (SigLIP's); :func:`pass_aligner_through`
-hooks such a module so that the aligner reaches the attention function as an attribute of the module instead.
+The aligner travels with the forward pass's ``**kwargs`` down to the attention function. A few attention modules
+drop the kwargs (SigLIP's); :func:`pass_aligner_through` hands them the aligner as a module attribute instead.
 """
 
 from __future__ import annotations
@@ -136,10 +131,9 @@ def route_attention(model: torch.nn.Module) -> int:
 
 
 def unroute_attention(model: torch.nn.Module) -> None:
-    """Undo :func:`route_attention` (and :func:`pass_aligner_through`'s attribute): every attention module of
-    ``model`` sees its own config again, its projections are plain ``nn.Linear`` again, and no module keeps an
-    aligner attribute."""
-    restore_projections(model)  # the widened projections route_attention installed
+    """Undo :func:`route_attention` (and :func:`pass_aligner_through`'s attribute): own configs, plain projections,
+    no aligner attribute on any module."""
+    restore_projections(model)
     for module in model.modules():
         if isinstance(getattr(module, "config", None), RoutedConfig):
             module.config = module.config.tl_align_config
