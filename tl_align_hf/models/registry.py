@@ -13,24 +13,7 @@ import importlib.util
 import sys
 
 import torch
-from transformers import (
-    BeitForImageClassification,
-    CLIPForImageClassification,
-    Data2VecVisionForImageClassification,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    Dinov2ForImageClassification,
-    Dinov2WithRegistersForImageClassification,
-    IJepaForImageClassification,
-    MetaClip2ForImageClassification,
-    PreTrainedModel,
-    Siglip2ForImageClassification,
-    SiglipForImageClassification,
-    SwinForImageClassification,
-    Swinv2ForImageClassification,
-    ViTForImageClassification,
-    ViTMSNForImageClassification,
-)
+from transformers import PreTrainedModel
 from transformers.trainer_utils import unwrap_peft_model
 
 from .base import TLAlignMixin
@@ -55,21 +38,24 @@ _TIMM_WRAPPER_MODULE = "transformers.models.timm_wrapper.modeling_timm_wrapper"
 # The transformers families. The timm family is looked up only when asked for (`aligned_classes`, `to_tl_align` of
 # a TimmWrapperForImageClassification), so that importing tl_align_hf does not import timm.
 ALIGNED_CLASSES: dict[type[PreTrainedModel], type[TLAlignMixin]] = {
-    ViTForImageClassification: TLAlignViTForImageClassification,
-    DeiTForImageClassification: TLAlignDeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher: TLAlignDeiTForImageClassificationWithTeacher,
-    ViTMSNForImageClassification: TLAlignViTMSNForImageClassification,
-    Dinov2ForImageClassification: TLAlignDinov2ForImageClassification,
-    Dinov2WithRegistersForImageClassification: TLAlignDinov2WithRegistersForImageClassification,
-    BeitForImageClassification: TLAlignBeitForImageClassification,
-    IJepaForImageClassification: TLAlignIJepaForImageClassification,
-    CLIPForImageClassification: TLAlignCLIPForImageClassification,
-    MetaClip2ForImageClassification: TLAlignMetaClip2ForImageClassification,
-    SiglipForImageClassification: TLAlignSiglipForImageClassification,
-    SwinForImageClassification: TLAlignSwinForImageClassification,
-    Swinv2ForImageClassification: TLAlignSwinv2ForImageClassification,
-    Data2VecVisionForImageClassification: TLAlignData2VecVisionForImageClassification,
-    Siglip2ForImageClassification: TLAlignSiglip2ForImageClassification,
+    aligned.tl_align_parent: aligned
+    for aligned in (
+        TLAlignViTForImageClassification,
+        TLAlignDeiTForImageClassification,
+        TLAlignDeiTForImageClassificationWithTeacher,
+        TLAlignViTMSNForImageClassification,
+        TLAlignDinov2ForImageClassification,
+        TLAlignDinov2WithRegistersForImageClassification,
+        TLAlignBeitForImageClassification,
+        TLAlignIJepaForImageClassification,
+        TLAlignCLIPForImageClassification,
+        TLAlignMetaClip2ForImageClassification,
+        TLAlignSiglipForImageClassification,
+        TLAlignSwinForImageClassification,
+        TLAlignSwinv2ForImageClassification,
+        TLAlignData2VecVisionForImageClassification,
+        TLAlignSiglip2ForImageClassification,
+    )
 }
 
 
